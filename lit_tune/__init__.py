@@ -1,0 +1,8 @@
+"""lit_tune: post-training for causal language models on Lightning."""
+
+from lit_tune.data import SFTDataModule
+from lit_tune.modules import CausalLMModule, SFTModule
+
+__version__ = "0.1.0"
+
+__all__ = ["CausalLMModule", "SFTDataModule", "SFTModule", "__version__"]

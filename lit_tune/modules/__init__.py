@@ -1,0 +1,6 @@
+"""LightningModules, one per training method."""
+
+from lit_tune.modules.base import CausalLMModule
+from lit_tune.modules.sft import SFTModule
+
+__all__ = ["CausalLMModule", "SFTModule"]

@@ -1,0 +1,126 @@
+"""``SFTModule``: supervised fine-tuning of a causal LM on response tokens."""
+
+from __future__ import annotations
+
+import logging
+
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
+from torchmetrics.aggregation import MeanMetric
+from typing_extensions import override
+
+from lit_tune.data.collate import TokenBatch
+from lit_tune.data.sft import data_parallel_info
+from lit_tune.losses import cross_entropy_sum, shift_labels
+from lit_tune.modules.base import CausalLMModule, perplexity
+
+log = logging.getLogger(__name__)
+
+
+class SFTModule(CausalLMModule):
+    """Supervised fine-tuning: cross entropy on response tokens, normalised per optimizer step.
+
+    Each optimizer step weighs every trained token equally, whatever the micro-batch sizes,
+    ``accumulate_grad_batches`` or number of data-parallel ranks (see :meth:`normalise`). Logs
+    ``train/loss``, ``val/loss``, ``val/perplexity``, ``train/tokens_per_sec`` and the learning rate
+    (with ``LearningRateMonitor``).
+
+    Args:
+        label_smoothing: Label smoothing of the cross entropy (not supported with loss parallel).
+        **kwargs: Model, tokenizer, optimizer and export options of
+            :class:`~lit_tune.modules.base.CausalLMModule`.
+
+    Example::
+
+        module = SFTModule(model="tiny")
+        trainer = L.Trainer(max_steps=100)
+        trainer.fit(module, datamodule=SFTDataModule(path="train.jsonl"))
+    """
+
+    def __init__(self, *args, label_smoothing: float = 0.0, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing={label_smoothing} must be in [0, 1).")
+        self.label_smoothing = label_smoothing
+        self.hparams["label_smoothing"] = label_smoothing
+        self.val_loss = MeanMetric()
+        self.empty_batches = 0
+
+    def compute_loss(self, logits: Tensor, targets: Tensor, batch: TokenBatch) -> Tensor:
+        """Return the *summed* loss over trained tokens; override to change the objective.
+
+        The caller divides by the number of trained tokens of the whole optimizer step, so an
+        override must return a sum over tokens too (for example add ``z_weight * (lse**2)`` summed
+        over the positions where ``targets != -100``).
+
+        Args:
+            logits: ``[batch, seq_len, vocab]``, possibly a vocabulary-sharded DTensor.
+            targets: ``[batch, seq_len]`` shifted labels, -100 where no loss is taken.
+            batch: The batch, for anything else an override needs.
+        """
+        return cross_entropy_sum(logits, targets, label_smoothing=self.label_smoothing)
+
+    def normalise(self, loss_sum: Tensor, batch: TokenBatch) -> Tensor:
+        """Scale a micro-batch's summed loss so that the optimizer step averages over its tokens.
+
+        Lightning divides each micro-batch loss by ``k = accumulate_grad_batches``, and data
+        parallelism averages gradients over ``R`` ranks. With ``N`` trained tokens in the whole step
+        (``batch.window_targets``), returning ``loss_sum * R * k / N`` makes the step's gradient
+        ``sum(all token losses) / N``: every token weighs ``1/N``. Batches from other loaders carry
+        no step count and fall back to the micro-batch mean.
+        """
+        if batch.window_targets > 0:
+            replicas, _ = data_parallel_info(self.trainer)
+            scale = replicas * self.trainer.accumulate_grad_batches / batch.window_targets
+        else:
+            scale = 1.0 / max(batch.num_targets, 1)
+        return loss_sum * scale
+
+    @override
+    def training_step(self, batch: TokenBatch, batch_idx: int) -> Tensor | None:
+        logits = self.forward_logits(batch)
+        loss_sum = self.compute_loss(logits, shift_labels(batch.labels), batch)
+        loss = self.check_finite(self.normalise(loss_sum, batch), batch_idx)
+        if loss is None:
+            return None
+
+        # Log the micro-batch's mean token loss; the normalised loss depends on the step's size.
+        if batch.num_targets > 0:
+            self.log("train/loss", loss_sum.detach() / batch.num_targets, prog_bar=True, batch_size=len(batch))
+        else:
+            self.empty_batches += 1
+            log.info("Batch %d has no trained token; it adds zero loss (%d so far).", batch_idx, self.empty_batches)
+        self.log_throughput(batch.num_tokens)
+        return loss
+
+    @override
+    def validation_step(self, batch: TokenBatch, batch_idx: int) -> None:
+        logits = self.forward_logits(batch)
+        loss_sum = cross_entropy_sum(logits, shift_labels(batch.labels))
+        if batch.num_targets > 0:
+            self.val_loss.update(loss_sum / batch.num_targets, weight=batch.num_targets)
+
+    @override
+    def on_validation_epoch_end(self) -> None:
+        if self.val_loss.update_count == 0 and not self.trainer.world_size > 1:
+            return
+        loss = self.val_loss.compute()
+        self.val_loss.reset()
+        self.log("val/loss", loss, prog_bar=True, sync_dist=False)
+        self.log("val/perplexity", perplexity(loss), sync_dist=False)
+
+    @override
+    def test_step(self, batch: TokenBatch, batch_idx: int) -> None:
+        self.validation_step(batch, batch_idx)
+
+    @override
+    def on_test_epoch_end(self) -> None:
+        self.on_validation_epoch_end()
+
+    @override
+    def on_train_end(self) -> None:
+        if self.empty_batches:
+            rank_zero_info(f"{self.empty_batches} training batches had no trained token and added zero loss.")
+
+
+__all__ = ["SFTModule"]
