@@ -57,9 +57,10 @@ class WarmupCosine(LambdaLR):
         return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * cosine
 
     def state_dict(self) -> dict:
-        """Scheduler state without the bound method (which ``LambdaLR`` cannot pickle)."""
-        state = super().state_dict()
-        state.pop("lr_lambdas", None)
+        """Return the scheduler state; the schedule itself is rebuilt from the saved attributes."""
+        state = {k: v for k, v in self.__dict__.items() if k not in ("optimizer", "lr_lambdas")}
+        # LambdaLR.load_state_dict expects one entry per group; None means nothing to restore.
+        state["lr_lambdas"] = [None] * len(self.lr_lambdas)
         return state
 
 

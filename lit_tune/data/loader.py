@@ -64,17 +64,29 @@ class BatchLoader:
             indices = order[start : start + size]
             batch = [self.rows[i] for i in indices]
             for j in range(size - len(batch)):
-                filler = self.rows[order[j % len(order)]]
-                batch.append(Row(filler.input_ids, [IGNORE_INDEX] * len(filler.labels), filler.position_ids))
+                batch.append(self._masked_copy(self.rows[order[j % len(order)]]))
             batches.append(batch)
         return batches
+
+    # Hooks for loaders of other row types (preference pairs, rollouts).
+
+    def _masked_copy(self, row: Row) -> Row:
+        """Return a copy of ``row`` that carries no loss, used to fill the last batch."""
+        return Row(row.input_ids, [IGNORE_INDEX] * len(row.labels), row.position_ids)
+
+    def _weight(self, row: Row) -> int:
+        """Return how much ``row`` counts towards the normaliser of its optimizer step."""
+        return row.num_targets
+
+    def _collate(self, rows: list[Row], window_targets: int = 0) -> TokenBatch:
+        return collate_rows(rows, self.pad_id, window_targets)
 
     def _local(self, global_batch: list[Row]) -> list[Row]:
         return global_batch[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
 
     def __iter__(self) -> Iterator[TokenBatch]:
         for global_batch in self._global_batches():
-            yield collate_rows(self._local(global_batch), self.pad_id)
+            yield self._collate(self._local(global_batch))
 
 
 class ResumableBatchLoader(BatchLoader):
@@ -128,8 +140,8 @@ class ResumableBatchLoader(BatchLoader):
         return torch.randperm(len(self.rows), generator=generator).tolist()
 
     def _window_targets(self, global_batches: list[list[Row]]) -> list[int]:
-        """Trained tokens per optimizer step, repeated for each micro-batch of that step."""
-        counts = [sum(row.num_targets for row in batch) for batch in global_batches]
+        """Weight (trained tokens by default) per optimizer step, repeated for each micro-batch of that step."""
+        counts = [sum(self._weight(row) for row in batch) for batch in global_batches]
         k = self.accumulate_grad_batches
         windows = []
         for start in range(0, len(counts), k):
@@ -141,7 +153,7 @@ class ResumableBatchLoader(BatchLoader):
         global_batches = self._global_batches()
         windows = self._window_targets(global_batches)
         for index in range(self.batches_yielded, len(global_batches)):
-            batch = collate_rows(self._local(global_batches[index]), self.pad_id, windows[index])
+            batch = self._collate(self._local(global_batches[index]), windows[index])
             # Advance the position before yielding: Lightning stops calling next() after len(self)
             # batches, so code after the last yield would never run.
             self.batches_yielded = index + 1

@@ -1,0 +1,70 @@
+"""The `lit-tune` command: configs parse, `fit` runs end to end, a printed config runs again."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lit_tune.cli import LitTuneCLI
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.name for c in CONFIGS])
+def test_config_parses(config, tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    cli = LitTuneCLI(args=["--config", str(config), "--trainer.default_root_dir", str(tmp_path)], run=False)
+    assert cli.model is not None
+    assert cli.datamodule is not None
+
+
+def _lit_tune(*args, cwd):
+    command = [sys.executable, "-m", "lit_tune.cli", *args]
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def test_fit_end_to_end_and_printed_config_runs_again(tmp_path):
+    overrides = [
+        "--trainer.max_steps", "4",
+        "--trainer.val_check_interval", "2",
+        "--trainer.limit_val_batches", "2",
+        "--trainer.default_root_dir", str(tmp_path / "run"),
+        "--data.max_seq_len", "64",
+    ]
+    printed = _lit_tune("fit", "--config", str(ROOT / "configs/sft_tiny.yaml"), *overrides, "--print_config", cwd=tmp_path)
+    assert printed.returncode == 0, printed.stderr
+    config_path = tmp_path / "printed.yaml"
+    config_path.write_text(printed.stdout)
+    assert yaml.safe_load(printed.stdout)["model"]["class_path"] == "lit_tune.SFTModule"
+
+    result = _lit_tune("fit", "--config", str(config_path), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    version = tmp_path / "run" / "lightning_logs" / "version_0"
+    assert (version / "checkpoints" / "last.ckpt").is_file()
+    assert (version / "hf_model" / "model.safetensors").is_file()
+    assert list(version.glob("events.out.tfevents.*"))
+
+    # The checkpoint resumes with --ckpt_path and trains two more steps.
+    resumed = _lit_tune(
+        "fit", "--config", str(config_path), "--trainer.max_steps", "6",
+        "--ckpt_path", str(version / "checkpoints" / "last.ckpt"), cwd=tmp_path,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+
+def test_validate_subcommand(tmp_path):
+    result = _lit_tune(
+        "validate", "--config", str(ROOT / "configs/sft_tiny.yaml"),
+        "--trainer.limit_val_batches", "1", "--trainer.default_root_dir", str(tmp_path), cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "val/loss" in result.stdout
+
+
+def test_unknown_key_is_rejected(tmp_path):
+    result = _lit_tune("fit", "--config", str(ROOT / "configs/sft_tiny.yaml"), "--model.init_args.lerning_rate", "1", cwd=tmp_path)
+    assert result.returncode != 0
+    assert "lerning_rate" in result.stderr
