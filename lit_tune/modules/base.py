@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import random
 import time
 from pathlib import Path
 from typing import Any
@@ -195,6 +196,28 @@ class CausalLMModule(L.LightningModule):
         elapsed = time.perf_counter() - self._step_start
         if elapsed > 0:
             self.log("train/tokens_per_sec", num_tokens / elapsed, on_step=True, on_epoch=False)
+
+    # ------------------------------------------------------------ resume
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Lightning does not save random-number state; sampling and dropout need it to resume
+        # exactly. Stored as tensors and lists so that `weights_only=True` loading accepts it.
+        checkpoint["lit_tune_rng"] = {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "python": list(random.getstate()[1]),
+        }
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("lit_tune_rng")
+        if state is None:
+            return
+        torch.set_rng_state(state["torch"])
+        if state["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+        random.setstate((3, tuple(state["python"]), None))
 
     # -------------------------------------------------------------- export
 
