@@ -14,12 +14,19 @@ import logging
 import lightning as L
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from lit_tune.callbacks.preemption import PreemptionCheckpoint
+from lit_tune.checkpoint_io import AtomicCheckpointIO
 
 
 class LitTuneCLI(LightningCLI):
-    """LightningCLI with lit_tune's trainer defaults (progress bar, LR monitor, last checkpoint).
+    """LightningCLI with lit_tune's trainer defaults.
 
-    Defaults apply only when a config does not set ``trainer.callbacks`` itself.
+    The defaults are a Rich progress bar, ``LearningRateMonitor``, ``ModelCheckpoint(save_last=True)`` and
+    :class:`~lit_tune.callbacks.preemption.PreemptionCheckpoint`; they apply only when a config does
+    not set ``trainer.callbacks`` itself. Checkpoint writes are made atomic unless a config sets its
+    own checkpoint plugin.
     """
 
     def __init__(self, *args, **kwargs) -> None:
@@ -29,6 +36,16 @@ class LitTuneCLI(LightningCLI):
         kwargs.setdefault("trainer_defaults", _trainer_defaults())
         super().__init__(L.LightningModule, L.LightningDataModule, *args, **kwargs)
 
+    def instantiate_trainer(self, **kwargs) -> L.Trainer:
+        """Instantiate the trainer, then make its checkpoint writes atomic.
+
+        Done here rather than through ``trainer.plugins`` so that printed configs stay plain.
+        """
+        trainer = super().instantiate_trainer(**kwargs)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        return trainer
+
 
 def _trainer_defaults() -> dict:
     return {
@@ -36,6 +53,7 @@ def _trainer_defaults() -> dict:
             RichProgressBar(),
             LearningRateMonitor(logging_interval="step"),
             ModelCheckpoint(save_last=True),
+            PreemptionCheckpoint(),
         ],
     }
 

@@ -127,7 +127,8 @@ def test_resume_equals_uninterrupted(tmp_path):
             default_root_dir=tmp_path,
         )
         module.on_train_batch_end = lambda outputs, batch, batch_idx: losses.append(float(outputs["loss"]))
-        trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+        # weights_only=True: a checkpoint must load without unpickling arbitrary objects.
+        trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
         return module, losses
 
     # 16 rows in batches of 3 give 6 batches an epoch, so step 10 stops in the middle of epoch 2.
