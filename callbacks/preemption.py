@@ -30,15 +30,17 @@ class PreemptionCheckpoint(Callback):
     Args:
         dirpath: Folder of the checkpoint; defaults to ``<log_dir>/checkpoints`` like
             ``ModelCheckpoint``.
-        filename: File name of the checkpoint.
+        filename: File name of the checkpoint. The default starts with ``last`` so that
+            ``fit(ckpt_path="last")`` finds it beside ``ModelCheckpoint``'s ``last.ckpt`` and takes
+            the newer of the two.
 
     Example::
 
         trainer = Trainer(callbacks=[PreemptionCheckpoint()], plugins=[AtomicCheckpointIO()])
-        trainer.fit(module, ckpt_path="last")  # picks up the newest checkpoint, this one included
+        trainer.fit(module, ckpt_path="last")  # the newer of last.ckpt and last-preempted.ckpt
     """
 
-    def __init__(self, dirpath: str | None = None, filename: str = "preempted.ckpt") -> None:
+    def __init__(self, dirpath: str | None = None, filename: str = "last-preempted.ckpt") -> None:
         self.dirpath = dirpath
         self.filename = filename
         self.saved_path: Path | None = None

@@ -19,7 +19,7 @@ def test_sigterm_saves_checkpoint_and_exits_cleanly(tmp_path):
                "--every", "100", "--losses", str(tmp_path / "losses.jsonl"), "--sigterm-at", "4"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    checkpoint = torch.load(tmp_path / "preempted.ckpt", map_location="cpu", weights_only=True)
+    checkpoint = torch.load(tmp_path / "last-preempted.ckpt", map_location="cpu", weights_only=True)
     # The signal is sent at the end of step 4, before PreemptionCheckpoint runs for that step.
     assert checkpoint["global_step"] == 4
     assert not (tmp_path / "final.safetensors").exists()

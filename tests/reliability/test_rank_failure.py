@@ -1,0 +1,26 @@
+"""A failing rank ends the whole distributed run with its error, never a hang."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SCRIPT = Path(__file__).with_name("rank_failure_script.py")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_rank_failure_ends_run_with_original_error(tmp_path):
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    start = time.monotonic()
+    result = subprocess.run([sys.executable, str(SCRIPT)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    elapsed = time.monotonic() - start
+    assert result.returncode != 0
+    assert "rank 1 failed on purpose" in result.stderr
+    assert elapsed < 200
