@@ -10,9 +10,16 @@ only lit_tune's::
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import (
+    Callback,
+    LearningRateMonitor,
+    ModelCheckpoint,
+    ProgressBar,
+    RichProgressBar,
+)
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
@@ -23,39 +30,46 @@ from lit_tune.checkpoint_io import AtomicCheckpointIO
 class LitTuneCLI(LightningCLI):
     """LightningCLI with lit_tune's trainer defaults.
 
-    The defaults are a Rich progress bar, ``LearningRateMonitor``, ``ModelCheckpoint(save_last=True)`` and
-    :class:`~lit_tune.callbacks.preemption.PreemptionCheckpoint`; they apply only when a config does
-    not set ``trainer.callbacks`` itself. Checkpoint writes are made atomic unless a config sets its
-    own checkpoint plugin.
+    Unless the config already has a callback of the same kind, or turned the feature off, the
+    trainer gets a Rich progress bar, ``LearningRateMonitor``, ``ModelCheckpoint(save_last=True)``
+    and :class:`~lit_tune.callbacks.preemption.PreemptionCheckpoint`. Checkpoint writes are made
+    atomic unless a config sets its own checkpoint plugin.
     """
 
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
-        kwargs.setdefault("trainer_defaults", _trainer_defaults())
         super().__init__(L.LightningModule, L.LightningDataModule, *args, **kwargs)
 
-    def instantiate_trainer(self, **kwargs) -> L.Trainer:
-        """Instantiate the trainer, then make its checkpoint writes atomic.
-
-        Done here rather than through ``trainer.plugins`` so that printed configs stay plain.
-        """
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        """Instantiate the trainer with the default callbacks that do not clash with the config."""
+        config = self._get(self.config_init, "trainer", default={})
+        self.trainer_defaults["callbacks"] = _default_callbacks(config)
         trainer = super().instantiate_trainer(**kwargs)
+        # Set here rather than through `trainer.plugins` so that printed configs stay plain.
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         return trainer
 
 
-def _trainer_defaults() -> dict:
-    return {
-        "callbacks": [
-            RichProgressBar(),
-            LearningRateMonitor(logging_interval="step"),
-            ModelCheckpoint(save_last=True),
-            PreemptionCheckpoint(),
-        ],
-    }
+def _default_callbacks(trainer_config: dict[str, Any]) -> list[Callback]:
+    given = trainer_config.get("callbacks") or []
+    given = given if isinstance(given, list) else [given]
+
+    def has(kind: type) -> bool:
+        return any(isinstance(callback, kind) for callback in given)
+
+    defaults: list[Callback] = []
+    if trainer_config.get("enable_progress_bar", True) is not False and not has(ProgressBar):
+        defaults.append(RichProgressBar())
+    if trainer_config.get("logger", True) is not False and not has(LearningRateMonitor):
+        defaults.append(LearningRateMonitor(logging_interval="step"))
+    if trainer_config.get("enable_checkpointing", True) is not False and not has(ModelCheckpoint):
+        defaults.append(ModelCheckpoint(save_last=True))
+    if not has(PreemptionCheckpoint):
+        defaults.append(PreemptionCheckpoint())
+    return defaults
 
 
 def main(args: list[str] | None = None) -> None:

@@ -68,3 +68,19 @@ def test_unknown_key_is_rejected(tmp_path):
     result = _lit_tune("fit", "--config", str(ROOT / "configs/sft_tiny.yaml"), "--model.init_args.lerning_rate", "1", cwd=tmp_path)
     assert result.returncode != 0
     assert "lerning_rate" in result.stderr
+
+
+def test_user_classes_by_class_path(tmp_path):
+    cli = LitTuneCLI(
+        args=[
+            "fit",
+            "--model=tests.cli.user_classes.PlainRegression",
+            "--data=tests.cli.user_classes.PlainData",
+            "--trainer.max_steps=3",
+            "--trainer.accelerator=cpu",
+            f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.enable_progress_bar=false",
+        ]
+    )
+    assert type(cli.model).__name__ == "PlainRegression"
+    assert cli.trainer.global_step == 3
