@@ -14,6 +14,7 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import (
+    BasePredictionWriter,
     Callback,
     LearningRateMonitor,
     ModelCheckpoint,
@@ -25,6 +26,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from lit_tune.callbacks.preemption import PreemptionCheckpoint
 from lit_tune.checkpoint_io import AtomicCheckpointIO
+from lit_tune.generation import JsonlPredictionWriter
 
 
 class LitTuneCLI(LightningCLI):
@@ -32,7 +34,8 @@ class LitTuneCLI(LightningCLI):
 
     Unless the config already has a callback of the same kind, or turned the feature off, the
     trainer gets a Rich progress bar, ``LearningRateMonitor``, ``ModelCheckpoint(save_last=True)``
-    and :class:`~lit_tune.callbacks.preemption.PreemptionCheckpoint`. Checkpoint writes are made
+    and :class:`~lit_tune.callbacks.preemption.PreemptionCheckpoint`, and ``predict`` writes
+    ``<log_dir>/predictions.jsonl`` with :class:`~lit_tune.generation.JsonlPredictionWriter`. Checkpoint writes are made
     atomic unless a config sets its own checkpoint plugin.
     """
 
@@ -45,7 +48,7 @@ class LitTuneCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         """Instantiate the trainer with the default callbacks that do not clash with the config."""
         config = self._get(self.config_init, "trainer", default={})
-        self.trainer_defaults["callbacks"] = _default_callbacks(config)
+        self.trainer_defaults["callbacks"] = _default_callbacks(config, self.subcommand)
         trainer = super().instantiate_trainer(**kwargs)
         # Set here rather than through `trainer.plugins` so that printed configs stay plain.
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
@@ -53,7 +56,7 @@ class LitTuneCLI(LightningCLI):
         return trainer
 
 
-def _default_callbacks(trainer_config: dict[str, Any]) -> list[Callback]:
+def _default_callbacks(trainer_config: dict[str, Any], subcommand: str | None) -> list[Callback]:
     given = trainer_config.get("callbacks") or []
     given = given if isinstance(given, list) else [given]
 
@@ -69,6 +72,8 @@ def _default_callbacks(trainer_config: dict[str, Any]) -> list[Callback]:
         defaults.append(ModelCheckpoint(save_last=True))
     if not has(PreemptionCheckpoint):
         defaults.append(PreemptionCheckpoint())
+    if subcommand == "predict" and not has(BasePredictionWriter):
+        defaults.append(JsonlPredictionWriter())
     return defaults
 
 

@@ -190,6 +190,11 @@ class SFTDataModule(L.LightningDataModule):
     def test_dataloader(self) -> BatchLoader | list:
         return self.val_dataloader()
 
+    @override
+    def predict_dataloader(self) -> BatchLoader | list:
+        """The validation rows: ``predict`` generates from their prompts."""
+        return self.val_dataloader()
+
 
 def _check_args(val_fraction: float, max_seq_len: int, overlong: str, batch_size: int) -> None:
     problems = []

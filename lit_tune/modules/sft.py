@@ -11,6 +11,7 @@ from typing_extensions import override
 
 from lit_tune.data.collate import TokenBatch
 from lit_tune.data.sft import data_parallel_info
+from lit_tune.generation import greedy_generate, split_prompts
 from lit_tune.losses import cross_entropy_sum, shift_labels
 from lit_tune.modules.base import CausalLMModule, perplexity
 
@@ -27,6 +28,7 @@ class SFTModule(CausalLMModule):
 
     Args:
         label_smoothing: Label smoothing of the cross entropy (not supported with loss parallel).
+        max_new_tokens: Longest completion ``predict`` generates.
         **kwargs: Model, tokenizer, optimizer and export options of
             :class:`~lit_tune.modules.base.CausalLMModule`.
 
@@ -37,8 +39,10 @@ class SFTModule(CausalLMModule):
         trainer.fit(module, datamodule=SFTDataModule(path="train.jsonl"))
     """
 
-    def __init__(self, *args, label_smoothing: float = 0.0, **kwargs) -> None:
+    def __init__(self, *args, label_smoothing: float = 0.0, max_new_tokens: int = 256, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        self.max_new_tokens = max_new_tokens
+        self.hparams["max_new_tokens"] = max_new_tokens
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing={label_smoothing} must be in [0, 1).")
         self.label_smoothing = label_smoothing
@@ -116,6 +120,17 @@ class SFTModule(CausalLMModule):
     @override
     def on_test_epoch_end(self) -> None:
         self.on_validation_epoch_end()
+
+    @override
+    def predict_step(self, batch: TokenBatch, batch_idx: int) -> list[dict[str, str]]:
+        """Generate greedily from each row's prompt; return prompt, completion and reference text."""
+        rows = split_prompts(batch)
+        completions = greedy_generate(self.model, self.tokenizer, [p for p, _ in rows], self.max_new_tokens)
+        decode = self.tokenizer.decode
+        return [
+            {"prompt": decode(p), "completion": decode(c, skip_special_tokens=True), "reference": decode(r, skip_special_tokens=True)}
+            for (p, r), c in zip(rows, completions)
+        ]
 
     @override
     def on_train_end(self) -> None:

@@ -84,3 +84,14 @@ def test_user_classes_by_class_path(tmp_path):
     )
     assert type(cli.model).__name__ == "PlainRegression"
     assert cli.trainer.global_step == 3
+
+
+def test_predict_subcommand_writes_jsonl(tmp_path):
+    result = _lit_tune(
+        "predict", "--config", str(ROOT / "configs/sft_tiny.yaml"), "--model.init_args.max_new_tokens", "4",
+        "--trainer.limit_predict_batches", "1", "--trainer.default_root_dir", str(tmp_path), cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    written = list(tmp_path.rglob("predictions.jsonl"))
+    assert len(written) == 1
+    assert len(written[0].read_text().splitlines()) == 16  # one batch of the config's batch size

@@ -176,3 +176,19 @@ def test_nonfinite_loss_skipped_when_opted_in():
     data = SFTDataModule(rows=[{"prompt": "a", "response": "bcd"}] * 8, batch_size=2, val_fraction=0.0)
     cpu_trainer(max_steps=6).fit(module, datamodule=data)
     assert module.nonfinite_steps > 0
+
+
+def test_predict_writes_completions(tmp_path):
+    import json
+
+    from lit_tune.generation import JsonlPredictionWriter
+
+    module = SFTModule(model="tiny", export=False, max_new_tokens=5)
+    data = SFTDataModule(rows=[{"prompt": f"q{i}", "response": "answer"} for i in range(6)], val_fraction=0.5, batch_size=2)
+    writer = JsonlPredictionWriter(str(tmp_path / "predictions.jsonl"))
+    cpu_trainer(callbacks=[writer]).predict(module, datamodule=data)
+    records = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    assert len(records) == 3
+    assert all(r["reference"] == "answer" for r in records)
+    assert all(r["prompt"].endswith("<|assistant|>\n") for r in records)
+    assert all(len(module.tokenizer(r["completion"], add_special_tokens=False).input_ids) <= 5 for r in records)
