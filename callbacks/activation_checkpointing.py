@@ -34,6 +34,11 @@ class ActivationCheckpointing(Callback):
     ``on_fit_start`` changes nothing. It works with a single device, DDP and FSDP2, and together
     with ``OptimizerInBackward``.
 
+    While training, checkpointed layers run without a KV cache (their ``use_cache`` argument
+    becomes ``False`` and their cache arguments ``None``), because the recomputation in backward
+    would append to the cache a second time. Hugging Face's own gradient checkpointing does the
+    same.
+
     Args:
         layer_classes: Layers to checkpoint, as classes or class names. ``None`` takes the class
             names listed in ``_no_split_modules`` by the model's modules, which for Hugging Face
@@ -48,7 +53,7 @@ class ActivationCheckpointing(Callback):
             Parameters stay in place. It saves nothing when the model is on CPU.
 
     Raises:
-        TypeError: If ``layer_classes`` holds something other than ``nn.Module`` subclasses and
+        TypeError: If ``layer_classes`` contains something other than ``nn.Module`` subclasses and
             class names.
         ValueError: If ``every_n_layers`` is not a positive integer.
 
@@ -69,7 +74,11 @@ class ActivationCheckpointing(Callback):
     ) -> None:
         super().__init__()
         self.layer_classes = _check_layer_classes(layer_classes)
-        if isinstance(every_n_layers, bool) or not isinstance(every_n_layers, int) or every_n_layers < 1:
+        if (
+            isinstance(every_n_layers, bool)
+            or not isinstance(every_n_layers, int)
+            or every_n_layers < 1
+        ):
             raise ValueError(
                 f"every_n_layers must be a positive integer, got {every_n_layers!r}. Use 1 to"
                 " checkpoint every matching layer."
@@ -79,14 +88,19 @@ class ActivationCheckpointing(Callback):
         self._checkpointed: weakref.WeakSet[nn.Module] = weakref.WeakSet()
         self._offloaded: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
+    @property
+    def checkpointed_layers(self) -> list[nn.Module]:
+        """Layers that this callback checkpointed, in every model it was applied to."""
+        return list(self._checkpointed)
+
     def apply(self, model: nn.Module) -> int:
         """Checkpoint the chosen layers of ``model``; a second call changes nothing.
 
-        Call it after the model exists and before ``fully_shard`` or any wrapper that hides the
-        layers.
+        Call it once the model exists. It works before or after ``fully_shard``, and
+        ``FSDP2Strategy`` calls it before.
 
         Args:
-            model: The model, or the ``LightningModule`` that holds it.
+            model: The model, or the ``LightningModule`` that contains it.
 
         Returns:
             The number of layers of ``model`` that this callback checkpoints.
@@ -103,6 +117,11 @@ class ActivationCheckpointing(Callback):
         for layer in selected:
             if layer not in self._checkpointed:
                 checkpoint(layer)
+                # Registered after the checkpoint and prepended, so it runs first and the
+                # checkpoint records the arguments without a cache.
+                layer.register_forward_pre_hook(
+                    _drop_cache_arguments, prepend=True, with_kwargs=True
+                )
                 self._checkpointed.add(layer)
                 added += 1
         if self.offload_activations:
@@ -131,13 +150,15 @@ class ActivationCheckpointing(Callback):
         for name, module in model.named_modules():
             if any(name.startswith(prefix) for prefix in prefixes):
                 continue
-            if isinstance(module, classes) or any(cls.__name__ in names for cls in type(module).__mro__):
+            if isinstance(module, classes) or any(
+                cls.__name__ in names for cls in type(module).__mro__
+            ):
                 layers.append(module)
                 prefixes.append(f"{name}." if name else "")
         if not layers:
-            wanted = sorted(names | {cls.__name__ for cls in classes})
+            expected_names = sorted(names | {cls.__name__ for cls in classes})
             raise ValueError(
-                f"ActivationCheckpointing found no layer of class {wanted} in"
+                f"ActivationCheckpointing found no layer of class {expected_names} in"
                 f" {type(model).__name__}. Pass layer_classes with the class of the model's blocks."
             )
         return layers
@@ -167,29 +188,56 @@ def _check_layer_classes(
         layer_classes = [layer_classes]
     items = tuple(layer_classes)
     for item in items:
-        if not isinstance(item, str) and not (isinstance(item, type) and issubclass(item, nn.Module)):
+        if not isinstance(item, str) and not (
+            isinstance(item, type) and issubclass(item, nn.Module)
+        ):
             raise TypeError(
-                f"layer_classes must hold nn.Module subclasses or class names, got {item!r}."
+                f"layer_classes must contain nn.Module subclasses or class names, got {item!r}."
             )
     if not items:
-        raise ValueError("layer_classes is empty. Pass None to use `_no_split_modules`, or name the layers.")
+        raise ValueError(
+            "layer_classes is empty. Pass None to use `_no_split_modules`, or name the layers."
+        )
     return items
 
 
 def _reject_hf_gradient_checkpointing(model: nn.Module) -> None:
-    for module in model.modules():
-        if getattr(module, "is_gradient_checkpointing", False):
+    # Hugging Face layers carry a `gradient_checkpointing` flag that its own checkpointing sets.
+    for name, module in model.named_modules():
+        if getattr(module, "gradient_checkpointing", False) is True:
             raise ValueError(
-                f"{type(module).__name__} already has Hugging Face gradient checkpointing turned on,"
-                " so its layers would be recomputed twice. Call gradient_checkpointing_disable()"
-                " or remove ActivationCheckpointing."
+                f"Module {name or type(module).__name__!r} already has Hugging Face gradient"
+                " checkpointing turned on, so its layers would be recomputed twice. Turn it off"
+                " (gradient_checkpointing_disable()) or remove ActivationCheckpointing."
             )
 
 
+# Keyword arguments through which Hugging Face decoder layers (transformers 4.x and 5.x) receive
+# a KV cache that they update in place.
+_CACHE_ARGUMENTS = ("cache", "past_key_value", "past_key_values", "layer_past")
+
+
+def _drop_cache_arguments(
+    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+    # A layer that appends to a KV cache in forward would append again when backward recomputes
+    # it, so while training it runs without one, as Hugging Face's own checkpointing does.
+    if not (module.training and torch.is_grad_enabled()):
+        return None
+    changes: dict[str, Any] = {
+        name: None for name in _CACHE_ARGUMENTS if kwargs.get(name) is not None
+    }
+    if kwargs.get("use_cache"):
+        changes["use_cache"] = False
+    if not changes:
+        return None
+    return args, {**kwargs, **changes}
+
+
 def _register_offload_hooks(layer: nn.Module, checkpointed: bool) -> None:
-    # The pre-hook goes first, before the checkpoint pre-hook, so the layer inputs that
-    # checkpointing saves pass through the offload hooks; inside the layer the checkpoint's
-    # own saved-tensor hooks take precedence because they are entered later.
+    # The pre-hook runs before the checkpoint pre-hook, so the layer inputs that checkpointing
+    # saves pass through the offload hooks. Inside the layer the checkpoint's own saved-tensor
+    # hooks take precedence, because they are entered later.
     active: list[torch.autograd.graph.saved_tensors_hooks | None] = []
 
     def enter(module: nn.Module, args: Any) -> None:

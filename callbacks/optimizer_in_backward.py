@@ -51,10 +51,13 @@ class OptimizerInBackward(Callback):
     write into the returned optimizer's ``state``, so checkpoints hold the ordinary optimizer state
     dict and resume with or without this callback.
 
-    Constraints, checked when ``fit`` sets up, each with an error that names the setting:
+    Constraints, checked before the first training step, each with an error that names the
+    setting:
 
     - Strategy: single device, ``"ddp"`` (also spawn and fork) or ``ModelParallelStrategy`` and its
       subclasses (FSDP2). FSDP1 and DeepSpeed are rejected, and so is a DDP communication hook.
+      Under DDP the steps use the averaged gradients, but DDP's all-reduce buckets keep a
+      gradient-sized buffer of their own, so the memory saving is small there.
     - ``accumulate_grad_batches`` must be 1, with no ``GradientAccumulationScheduler``.
     - ``gradient_clip_val``: ``None`` or 0 means no clipping. Clipping by value is applied to each
       parameter before its step, which equals clipping all at once. Clipping by norm needs every
@@ -67,7 +70,7 @@ class OptimizerInBackward(Callback):
       and each ``manual_backward`` steps the parameters.
 
     Code that reads gradients between backward and the optimizer step (``on_before_optimizer_step``,
-    gradient-norm logging) sees ``None``, because each gradient is gone once its parameter stepped.
+    gradient-norm logging) gets ``None``, because each gradient is freed once its parameter stepped.
 
     Example::
 
@@ -81,6 +84,7 @@ class OptimizerInBackward(Callback):
     def __init__(self) -> None:
         super().__init__()
         self._stepper: _ParameterStepper | None = None
+        self._trainer_clip_val: float | None = None
 
     @property
     def parameter_optimizers(self) -> dict[Tensor, Optimizer]:
@@ -103,6 +107,11 @@ class OptimizerInBackward(Callback):
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         optimizer = _single_optimizer(trainer)
         stepper = _ParameterStepper(optimizer, clip_value=_clip_value(trainer))
+        # Clipping by value now happens per parameter, before its step. Lightning's own clipping
+        # after the closure would find no gradient left, so it is off until fit ends.
+        self._trainer_clip_val = trainer.gradient_clip_val
+        if stepper.clip_value is not None:
+            trainer.gradient_clip_val = None
         model = trainer.strategy.model
         if isinstance(model, DistributedDataParallel):
             # A parameter's post-accumulate-grad hook fires before DDP all-reduces its bucket, so
@@ -121,9 +130,21 @@ class OptimizerInBackward(Callback):
 
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage == "fit" and self._stepper is not None:
-            self._stepper.remove_gradient_hooks()
-            self._stepper = None
+        if stage == "fit":
+            self._restore(trainer)
+
+    @override
+    def on_exception(
+        self, trainer: Trainer, pl_module: LightningModule, exception: BaseException
+    ) -> None:
+        self._restore(trainer)
+
+    def _restore(self, trainer: Trainer) -> None:
+        if self._stepper is None:
+            return
+        self._stepper.remove_gradient_hooks()
+        self._stepper = None
+        trainer.gradient_clip_val = self._trainer_clip_val
 
 
 class _ParameterStepper:
@@ -138,7 +159,7 @@ class _ParameterStepper:
 
     def __init__(self, optimizer: Optimizer, clip_value: float | None) -> None:
         self.optimizer = optimizer
-        self._clip_value = clip_value
+        self.clip_value = clip_value
         self._entries: dict[Tensor, tuple[int, Optimizer]] = {}
         self._hook_handles: dict[Tensor, Any] = {}
         self._use_gradient_hooks = False
@@ -162,7 +183,7 @@ class _ParameterStepper:
                 self._register_hook(param)
 
     def share_state(self) -> None:
-        """Point every per-parameter optimizer at ``optimizer.state`` again, after a load replaced it."""
+        """Point every per-parameter optimizer at ``optimizer.state``, which a load replaces."""
         for _, parameter_optimizer in self._entries.values():
             parameter_optimizer.state = self.optimizer.state
 
@@ -183,14 +204,14 @@ class _ParameterStepper:
         for key, value in self.optimizer.param_groups[index].items():
             if key != "params":
                 target[key] = value
-        if self._clip_value is not None:
-            torch.nn.utils.clip_grad_value_(param, self._clip_value)
+        if self.clip_value is not None:
+            torch.nn.utils.clip_grad_value_(param, self.clip_value)
         parameter_optimizer.step()
         if free_gradient:
             param.grad = None
 
     def step_reduced(self, param: Tensor, gradient: Tensor) -> None:
-        """Step ``param`` with its all-reduced ``gradient``; the gradient is freed in ``finish_step``."""
+        """Step ``param`` with its all-reduced ``gradient``, which ``finish_step`` frees."""
         if param not in self._entries:
             return
         param.grad = gradient
@@ -218,7 +239,9 @@ class _ParameterStepper:
     def _register_hook(self, param: Tensor) -> None:
         if param in self._hook_handles or not param.requires_grad:
             return
-        self._hook_handles[param] = param.register_post_accumulate_grad_hook(self._on_gradient_ready)
+        self._hook_handles[param] = param.register_post_accumulate_grad_hook(
+            self._on_gradient_ready
+        )
 
     def _on_gradient_ready(self, param: Tensor) -> None:
         self.step_parameter(param, free_gradient=True)
@@ -295,7 +318,10 @@ def _find_unsupported_settings(trainer: Trainer, pl_module: LightningModule) -> 
             " accumulate_grad_batches=1 and raise the batch size instead."
         )
     for callback in trainer.callbacks:
-        if isinstance(callback, GradientAccumulationScheduler) and max(callback.scheduling.values()) > 1:
+        if (
+            isinstance(callback, GradientAccumulationScheduler)
+            and max(callback.scheduling.values()) > 1
+        ):
             problems.append(
                 f"GradientAccumulationScheduler(scheduling={callback.scheduling}) accumulates"
                 " gradients over batches. Remove it."
@@ -319,7 +345,8 @@ def _strategy_problems(strategy: Strategy) -> list[str]:
     if isinstance(strategy, DDPStrategy) and getattr(strategy, "_ddp_comm_hook", None) is not None:
         return [
             f"{name}(ddp_comm_hook=...) is set, but DDP takes one communication hook and"
-            " OptimizerInBackward registers its own to step after the all-reduce. Remove ddp_comm_hook."
+            " OptimizerInBackward registers its own to step after the all-reduce. Remove"
+            " ddp_comm_hook."
         ]
     return []
 
@@ -377,7 +404,9 @@ def _single_optimizer(trainer: Trainer) -> Optimizer:
     return optimizer
 
 
-def _build_parameter_optimizer(optimizer: Optimizer, group: dict[str, Any], param: Tensor) -> Optimizer:
+def _build_parameter_optimizer(
+    optimizer: Optimizer, group: dict[str, Any], param: Tensor
+) -> Optimizer:
     options = {key: value for key, value in group.items() if key != "params"}
     optimizer_class = type(optimizer)
     try:
@@ -391,13 +420,13 @@ def _build_parameter_optimizer(optimizer: Optimizer, group: dict[str, Any], para
             " param groups and the keyword arguments stored in its `defaults`."
         ) from error
     # Every per-parameter optimizer writes into the returned optimizer's state, so that
-    # optimizer's state_dict() holds the state of all parameters in the usual format.
+    # optimizer's state_dict() contains the state of all parameters in the usual format.
     parameter_optimizer.state = optimizer.state
     return parameter_optimizer
 
 
 def _constructor_defaults(optimizer: Optimizer) -> dict[str, Any]:
-    # Constructors such as AdamW's take fewer keywords than `defaults` holds, so pass only those
+    # Constructors such as AdamW's take fewer keywords than `defaults` contains, so pass only those
     # the constructor accepts. The group options set every value anyway.
     parameters = inspect.signature(type(optimizer).__init__).parameters.values()
     if any(parameter.kind is inspect.Parameter.VAR_KEYWORD for parameter in parameters):
@@ -406,11 +435,14 @@ def _constructor_defaults(optimizer: Optimizer) -> dict[str, Any]:
     return {key: value for key, value in optimizer.defaults.items() if key in names}
 
 
-def _register_step_after_allreduce(model: DistributedDataParallel, stepper: _ParameterStepper) -> None:
+def _register_step_after_allreduce(
+    model: DistributedDataParallel, stepper: _ParameterStepper
+) -> None:
     # NOTE: with find_unused_parameters=True, a parameter that no rank used gets a zero gradient
     # in its bucket and is stepped with it, where a plain DDP step would skip it.
 
-    def allreduce_then_step(process_group: Any, bucket: torch.distributed.GradBucket) -> torch.futures.Future:
+    # No annotations: DDP checks them against the classes, and this module's are strings.
+    def allreduce_then_step(process_group, bucket):  # type: ignore[no-untyped-def]
         def step_bucket(future: torch.futures.Future) -> Tensor:
             reduced = future.value()
             for param, gradient in zip(bucket.parameters(), bucket.gradients()):

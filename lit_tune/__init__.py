@@ -1,8 +1,15 @@
 """lit_tune: post-training for causal language models on Lightning."""
 
-from lit_tune.data import SFTDataModule
-from lit_tune.modules import CausalLMModule, SFTModule
+from lit_tune.data import PreferenceDataModule, SFTDataModule
+from lit_tune.modules import CausalLMModule, DPOModule, SFTModule
 
 __version__ = "0.1.0"
 
-__all__ = ["CausalLMModule", "SFTDataModule", "SFTModule", "__version__"]
+__all__ = [
+    "CausalLMModule",
+    "DPOModule",
+    "PreferenceDataModule",
+    "SFTDataModule",
+    "SFTModule",
+    "__version__",
+]

@@ -4,6 +4,20 @@ from lit_tune.data.builtin import arithmetic_rows, builtin_rows, copy_number_row
 from lit_tune.data.collate import Row, TokenBatch, collate_rows, pack_rows
 from lit_tune.data.formatting import ColumnMap, FormatStats, build_example, encode_prompt, encode_response
 from lit_tune.data.loader import BatchLoader, ResumableBatchLoader
+from lit_tune.data.preference import (
+    PairColumns,
+    PairEncoder,
+    PreferenceBatch,
+    PreferenceBatchLoader,
+    PreferenceDataModule,
+    PreferenceRow,
+    ResumablePreferenceLoader,
+    collate_pairs,
+    gsm8k_solution_pairs,
+    parse_transcript,
+    row_to_pair,
+    split_shared_prompt,
+)
 from lit_tune.data.sft import SFTDataModule, data_parallel_info
 from lit_tune.data.sources import DataFormatError, load_rows
 
@@ -12,19 +26,31 @@ __all__ = [
     "ColumnMap",
     "DataFormatError",
     "FormatStats",
+    "PairColumns",
+    "PairEncoder",
+    "PreferenceBatch",
+    "PreferenceBatchLoader",
+    "PreferenceDataModule",
+    "PreferenceRow",
     "ResumableBatchLoader",
+    "ResumablePreferenceLoader",
     "Row",
     "SFTDataModule",
     "TokenBatch",
     "arithmetic_rows",
     "build_example",
     "builtin_rows",
+    "collate_pairs",
     "collate_rows",
     "copy_number_rows",
     "data_parallel_info",
     "encode_prompt",
     "encode_response",
+    "gsm8k_solution_pairs",
     "load_rows",
     "pack_rows",
+    "parse_transcript",
     "preference_rows",
+    "row_to_pair",
+    "split_shared_prompt",
 ]

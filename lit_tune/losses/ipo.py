@@ -10,10 +10,11 @@ class IPOLoss(PreferenceLoss):
 
     ``beta`` is the regularisation strength, written tau in Azar et al., "A General Theoretical
     Paradigm to Understand Learning from Human Preferences" (2023). By default ``pi`` and ``ref``
-    are per-token mean log-probabilities of each response, as TRL's ``loss_type="ipo"`` computes
-    them, so the target margin does not depend on response length; ``average_log_probs=False``
-    uses the summed log-probabilities of the paper's equation instead. The logged rewards are
-    always ``beta * (pi - ref)`` of the summed log-probabilities, like the other DPO losses.
+    are per-token mean log-probabilities of each response, as TRL's ``DPOTrainer`` computes them
+    for ``loss_type="ipo"``, so the target margin does not depend on response length. With
+    ``average_log_probs=False`` they are the summed log-probabilities of the paper's equation. The
+    logged rewards are always ``beta * (pi - ref)`` of the summed log-probabilities, like the
+    other DPO losses.
 
     Args:
         beta: Regularisation strength; the target margin is ``1 / (2 * beta)``.

@@ -25,6 +25,7 @@ class ORPOLoss(PreferenceLoss):
 
     name = "orpo"
     needs_reference = False
+    extra_metrics = ("nll_loss", "log_odds_ratio")
 
     def __init__(self, beta: float = 0.1) -> None:
         super().__init__(beta)

@@ -1,9 +1,9 @@
 """Shared pieces of the preference (DPO-family) losses: inputs, outputs and the base class.
 
-A preference loss sees, for each pair, the policy's log-probability of the chosen and of the
-rejected response (summed over response tokens), the number of response tokens of each, and,
-for losses that need it, the same sums under the frozen reference model. It returns one loss per
-pair and the implicit rewards that the DPO metrics report (``rewards/chosen``,
+A preference loss takes, for each pair, the policy's log-probability of the chosen and of the
+rejected response (summed over response tokens) and the number of response tokens of each. Losses
+that need a reference also take the same sums under the frozen reference model. A loss returns
+one loss per pair and the implicit rewards that the DPO metrics report (``rewards/chosen``,
 ``rewards/rejected``). Each objective is its own class in its own file; choose one by name with
 :func:`lit_tune.losses.preference_registry.build_preference_loss`.
 """
@@ -64,7 +64,7 @@ class PairLogps:
 
 @dataclass
 class PreferenceLossOutput:
-    """What a preference loss returns for a batch of pairs.
+    """Per-pair losses and rewards that a preference loss returns for a batch of pairs.
 
     Attributes:
         losses: ``[pairs]`` loss of each pair; the module averages them over the optimizer step.
@@ -83,8 +83,9 @@ class PreferenceLossOutput:
 class PreferenceLoss(ABC):
     """Base class of the preference losses.
 
-    Subclasses set ``name`` (the string used in configs) and ``needs_reference``, and implement
-    :meth:`__call__`.
+    Subclasses set ``name`` (the string used in configs), ``needs_reference`` and
+    ``extra_metrics`` (the keys of :attr:`PreferenceLossOutput.extras` they return, which the
+    module logs), and implement :meth:`__call__`.
 
     Args:
         beta: Scale of the implicit reward (the KL-penalty strength for DPO-style losses). Must be
@@ -96,6 +97,7 @@ class PreferenceLoss(ABC):
 
     name: ClassVar[str]
     needs_reference: ClassVar[bool] = True
+    extra_metrics: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, beta: float) -> None:
         if not beta > 0:

@@ -34,7 +34,9 @@ def build_preference_loss(name: str, **options: Any) -> PreferenceLoss:
     """
     cls = PREFERENCE_LOSSES.get(name)
     if cls is None:
-        raise ValueError(f"Unknown preference loss {name!r}. Choose one of {sorted(PREFERENCE_LOSSES)}.")
+        raise ValueError(
+            f"Unknown preference loss {name!r}. Choose one of {sorted(PREFERENCE_LOSSES)}."
+        )
     try:
         return cls(**options)
     except TypeError as err:

@@ -13,8 +13,8 @@ from lit_tune.models.loading import (
 from lit_tune.models.tiny import build_tiny_tokenizer, default_chat_template, tiny_llama_config
 
 __all__ = [
-    "TINY",
     "ModelSource",
+    "TINY",
     "build_tiny_tokenizer",
     "check_weight_files",
     "default_chat_template",

@@ -155,7 +155,8 @@ class CausalLMModule(L.LightningModule):
 
     @override
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = self.optimizer_factory(self.parameters())
+        # Frozen parameters (a live reference model, for example) are left out of the optimizer.
+        optimizer = self.optimizer_factory([p for p in self.parameters() if p.requires_grad])
         scheduler = self.lr_scheduler_factory(optimizer)
         if isinstance(scheduler, WarmupCosine) and scheduler.total_steps is None:
             scheduler.set_total_steps(self.trainer.estimated_stepping_batches)
