@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
@@ -27,6 +27,7 @@ from torch.distributed.tensor.parallel import (
 from transformers import PreTrainedModel
 
 log = logging.getLogger(__name__)
+_log_info = rank_zero_only(log.info)
 
 LayerClasses = Sequence[type[nn.Module] | str]
 TensorParallelPlan = Mapping[str, ParallelStyle | str]
@@ -70,7 +71,7 @@ def find_pretrained_model(module: nn.Module) -> tuple[str, PreTrainedModel] | No
 
 
 def is_parallelized(module: nn.Module) -> bool:
-    """Return whether ``module`` already holds DTensor parameters or FSDP2 modules."""
+    """Return whether ``module`` already contains DTensor parameters or FSDP2 modules."""
     if any(isinstance(m, FSDPModule) for m in module.modules()):
         return True
     return any(isinstance(p, DTensor) for p in module.parameters())
@@ -84,7 +85,7 @@ def loss_parallel_output_style() -> ColwiseParallel:
 
 
 def translate_style(style: ParallelStyle | str, name: str) -> ParallelStyle | None:
-    """Turn a plan entry into a ParallelStyle; None for entries that leave the module replicated.
+    """Turn a plan entry into a ParallelStyle, or None for an entry that leaves the module replicated.
 
     Raises:
         ValueError: If ``style`` is a string that is not a supported transformers style.
@@ -116,10 +117,10 @@ def transformers_plan(
     found = find_pretrained_model(module)
     hf_plan = _hf_plan(found[1]) if found else {}
     if not hf_plan:
-        what = type(found[1]).__name__ if found else f"{type(module).__name__} (no transformers model)"
+        model_name = type(found[1]).__name__ if found else f"{type(module).__name__} (no transformers model)"
         raise ValueError(
             f"tensor_parallel_size={tensor_parallel_size} needs a tensor-parallel plan, but "
-            f"{what} ships none (transformers provides one for the Llama, Qwen2 and Mistral "
+            f"{model_name} ships none (transformers provides one for the Llama, Qwen2 and Mistral "
             f"families, among others). {_PLAN_HELP}"
         )
     prefix, hf_model = found
@@ -138,7 +139,8 @@ def transformers_plan(
 
 
 def _hf_plan(hf_model: PreTrainedModel) -> dict[str, str]:
-    # transformers >= 5 exposes the merged plan as `tp_plan`; 4.x keeps it in `_tp_plan`.
+    # In transformers 5.25 the `tp_plan` property returns `_tp_plan`, the merged plan stored on
+    # the instance, which is read directly where the property is missing.
     plan = getattr(hf_model, "tp_plan", None) or getattr(hf_model, "_tp_plan", None)
     return dict(plan or {})
 
@@ -234,7 +236,7 @@ def resolve_layer_classes(module: nn.Module, layer_classes: LayerClasses | None)
 
     Args:
         module: The LightningModule.
-        layer_classes: Classes or class names; None takes ``_no_split_modules`` from the
+        layer_classes: Classes or class names. None takes ``_no_split_modules`` from the
             transformers model in ``module``.
 
     Returns:
@@ -269,10 +271,10 @@ def apply_fully_shard(
 ) -> None:
     """Shard each of ``layers``, then ``module`` as the root with the remaining parameters.
 
-    The root group holds everything outside the layers (embedding, final norm, output head),
+    The root group contains every parameter outside the layers (embedding, final norm, output head),
     so an output head tied to the input embedding stays one parameter in one group.
     """
     for layer in layers:
         fully_shard(layer, **fsdp_kwargs)
     fully_shard(module, **fsdp_kwargs)
-    rank_zero_info(f"FSDP2Strategy: sharded {len(layers)} layers and the root module.")
+    _log_info(f"FSDP2Strategy: sharded {len(layers)} layers and the root module.")

@@ -55,7 +55,8 @@ def export_hf(
 
     Call it on every rank: parameters are gathered collectively, and rank 0 writes. The folder
     is written under a temporary name and renamed, so a crash never leaves a half-written export.
-    Tied weights stay tied (``save_pretrained`` stores the tied tensor once).
+    With tied embeddings the output head is left out of the file, as transformers itself saves it,
+    and the config's ``tie_word_embeddings`` ties it again on load.
 
     Args:
         module: A ``PreTrainedModel`` or any module containing one.
@@ -66,7 +67,7 @@ def export_hf(
         The folder on rank 0, None on other ranks.
     """
     model = find_pretrained_model(module)
-    state = full_state_dict(model)
+    state = _drop_tied_copies(model, full_state_dict(model))
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
     if rank != 0:
         return None
@@ -82,6 +83,16 @@ def export_hf(
     os.replace(tmp, path)
     log.info("Exported Hugging Face model to %s", path)
     return path
+
+
+def _drop_tied_copies(model: PreTrainedModel, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # A gathered state dict holds separate copies of tied tensors; keep only the source of each tie.
+    if not getattr(model.config, "tie_word_embeddings", False):
+        return state
+    tied = getattr(model, "_tied_weights_keys", None) or {}
+    for target in tied if isinstance(tied, dict) else ():
+        state.pop(target, None)
+    return state
 
 
 __all__ = ["export_hf", "find_pretrained_model", "full_state_dict"]

@@ -27,7 +27,7 @@ class SFTModule(CausalLMModule):
     (with ``LearningRateMonitor``).
 
     Args:
-        label_smoothing: Label smoothing of the cross entropy (not supported with loss parallel).
+        label_smoothing: Label smoothing of the cross entropy (also exact under loss parallel).
         max_new_tokens: Longest completion ``predict`` generates.
         **kwargs: Model, tokenizer, optimizer and export options of
             :class:`~lit_tune.modules.base.CausalLMModule`.
