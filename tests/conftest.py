@@ -31,5 +31,9 @@ def cpu_trainer(**kwargs) -> L.Trainer:
 
 @pytest.fixture(autouse=True)
 def _seed_and_threads():
+    # One intra-op thread: on a shared 2-core machine idle threads spin and slow everything down.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     torch.manual_seed(0)
     yield
+    torch.set_num_threads(threads)

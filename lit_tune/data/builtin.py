@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 
 BUILTIN_PREFIX = "builtin:"
-_NAMES = ("arithmetic", "preferences", "copy_number")
+_NAMES = ("arithmetic", "preferences", "copy_number", "fixed_answer")
 
 
 def arithmetic_rows(num_rows: int = 2000, seed: int = 0) -> list[dict[str, str]]:
@@ -50,6 +50,32 @@ def copy_number_rows(num_rows: int = 512, seed: int = 0) -> list[dict[str, str]]
     return rows
 
 
+def fixed_answer_rows(num_rows: int = 256, answer: int = 7, seed: int = 0) -> list[dict[str, str]]:
+    """Generate prompts that all ask for the same number; the reference answer is that number.
+
+    A task with a verifiable reward that a randomly initialised model learns by RL alone within a
+    few minutes on a CPU. The reference number never changes, so the policy only has to sample it
+    once and then reinforce it. The prompts vary in wording.
+
+    Args:
+        num_rows: How many rows to generate.
+        answer: The number every prompt asks for.
+        seed: Seed of the generator; the same seed gives the same rows.
+    """
+    templates = (
+        "Reply with the number {n}.",
+        "Answer with {n} and nothing else.",
+        "Say {n}.",
+        "What number comes after {p}?",
+        "Write the digit {n}.",
+    )
+    rng = random.Random(seed)
+    return [
+        {"prompt": rng.choice(templates).format(n=answer, p=answer - 1), "answer": str(answer)}
+        for _ in range(num_rows)
+    ]
+
+
 def builtin_rows(source: str) -> list[dict[str, str]]:
     """Return the rows of ``"builtin:<name>"``.
 
@@ -63,7 +89,16 @@ def builtin_rows(source: str) -> list[dict[str, str]]:
         return preference_rows()
     if name == "copy_number":
         return copy_number_rows()
+    if name == "fixed_answer":
+        return fixed_answer_rows()
     raise ValueError(f"Unknown built-in data set {source!r}. Choose one of {[BUILTIN_PREFIX + n for n in _NAMES]}.")
 
 
-__all__ = ["BUILTIN_PREFIX", "arithmetic_rows", "builtin_rows", "copy_number_rows", "preference_rows"]
+__all__ = [
+    "BUILTIN_PREFIX",
+    "arithmetic_rows",
+    "builtin_rows",
+    "copy_number_rows",
+    "fixed_answer_rows",
+    "preference_rows",
+]

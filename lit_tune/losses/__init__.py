@@ -13,11 +13,13 @@ from lit_tune.losses.dpo_sigmoid import SigmoidDPOLoss
 from lit_tune.losses.hinge import HingeLoss
 from lit_tune.losses.ipo import IPOLoss
 from lit_tune.losses.orpo import ORPOLoss
+from lit_tune.losses.policy import ClippedPolicyLoss, PolicyLossTerms, k3_kl
 from lit_tune.losses.preference import PairLogps, PreferenceLoss, PreferenceLossOutput
 from lit_tune.losses.preference_registry import PREFERENCE_LOSSES, build_preference_loss
 from lit_tune.losses.simpo import SimPOLoss
 
 __all__ = [
+    "ClippedPolicyLoss",
     "ConservativeDPOLoss",
     "HingeLoss",
     "IGNORE_INDEX",
@@ -25,6 +27,7 @@ __all__ = [
     "ORPOLoss",
     "PREFERENCE_LOSSES",
     "PairLogps",
+    "PolicyLossTerms",
     "PreferenceLoss",
     "PreferenceLossOutput",
     "SigmoidDPOLoss",
@@ -32,6 +35,7 @@ __all__ = [
     "build_preference_loss",
     "count_targets",
     "cross_entropy_sum",
+    "k3_kl",
     "shift_labels",
     "token_cross_entropy",
     "token_log_probs",

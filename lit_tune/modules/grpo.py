@@ -1,9 +1,9 @@
 """``GRPOModule``: group-relative policy optimisation with verifiable rewards.
 
-Each training step takes a micro-batch of prompts, samples ``group_size`` completions per prompt
-from the policy, scores them with reward functions, normalises the rewards within each group into
-advantages and minimises the clipped policy-gradient loss, with an optional k3 KL penalty to a
-frozen copy of the initial policy. Generation runs in the trainer (``mode="sync"``) or in a worker
+Each training step takes a micro-batch of prompts and samples ``group_size`` completions per
+prompt from the policy. Reward functions score them, the rewards are normalised within each group
+into advantages, and the step minimises the clipped policy-gradient loss, with an optional k3 KL
+penalty to a frozen copy of the initial policy. Generation runs in the trainer (``mode="sync"``) or in a worker
 process beside it (``mode="async"``, see :mod:`lit_tune.rl.async_worker`).
 """
 
@@ -24,8 +24,13 @@ from lit_tune.losses import IGNORE_INDEX, shift_labels, token_log_probs
 from lit_tune.losses.policy import ClippedPolicyLoss, LossAverage, PolicyLossTerms
 from lit_tune.modules.base import CausalLMModule
 from lit_tune.optim import WarmupCosine
-from lit_tune.rl.async_worker import AsyncRolloutLoader, WorkerSpec, check_picklable, full_state_items
-from lit_tune.rl.rewards import RewardFunction, RewardSet
+from lit_tune.rl.async_worker import (
+    AsyncRolloutLoader,
+    WorkerSpec,
+    check_picklable,
+    full_state_items,
+)
+from lit_tune.rl.rewards import RewardFunction, RewardSet, reward_path
 from lit_tune.rl.rollout import (
     GenerationConfig,
     PromptBatch,
@@ -46,9 +51,9 @@ class GRPOModule(CausalLMModule):
     Train it with :class:`~lit_tune.data.prompts.PromptDataModule`, whose loader this module turns
     into rollouts (:meth:`rollout_loader`).
 
-    *Loss averaging* (``loss_average``): with ``"token"`` every completion token of a micro-batch
-    weighs the same over all data-parallel ranks; with ``"sequence"`` each completion's tokens are
-    averaged first and every completion weighs the same. The normaliser is the count of the
+    *Loss averaging* (``loss_average``): with ``"token"``, every completion token of a micro-batch
+    weighs the same over all data-parallel ranks. With ``"sequence"``, each completion's tokens are
+    averaged first, and every completion weighs the same. The normaliser is the count of the
     micro-batch summed over data-parallel ranks (one all-reduce per step when there are several),
     because completion lengths are only known after generation. So with
     ``accumulate_grad_batches=1`` the rule holds for the whole optimizer step, and with more each
@@ -69,7 +74,7 @@ class GRPOModule(CausalLMModule):
             ``"final_answer_format"``, ``"starts_with_number"``) or import paths.
         reward_weights: Weight of each reward in the total; all 1.0 when None.
         group_size: Completions sampled per prompt.
-        max_new_tokens: Longest completion, in tokens; generation also stops at EOS.
+        max_new_tokens: Maximum completion length, in tokens; generation also stops at EOS.
         temperature: Sampling temperature; the loss scores tokens at the same temperature.
         clip_eps: Lower clip range of the importance ratio.
         clip_eps_high: Upper clip range; ``clip_eps`` when None.
@@ -84,7 +89,10 @@ class GRPOModule(CausalLMModule):
             version that generated a rollout; older rollouts are dropped and counted. Must be at
             least ``sync_every - 1``, or no rollout could ever be fresh enough.
         sync_every: Async: send the weights to the worker every this many optimizer steps.
-        queue_size: Async: rollout micro-batches the queue holds before the worker waits.
+        queue_size: Async: rollout micro-batches the queue holds before the worker waits. When
+            the worker is faster than the trainer, a batch waits about ``queue_size`` micro-batches
+            in the queue, so more than ``max_staleness * accumulate_grad_batches`` wastes
+            generation on batches that will be dropped (a warning says so).
         worker_threads: Async: ``torch.set_num_threads`` of the worker process.
         seed: Seed of the sampling; rank ``r`` of a data-parallel run uses ``seed + r``.
         **kwargs: Model, tokenizer, optimizer and export options of
@@ -118,7 +126,7 @@ class GRPOModule(CausalLMModule):
         mode: Mode = "sync",
         max_staleness: int = 1,
         sync_every: int = 1,
-        queue_size: int = 2,
+        queue_size: int = 1,
         worker_threads: int = 1,
         seed: int = 0,
         **kwargs: Any,
@@ -126,6 +134,10 @@ class GRPOModule(CausalLMModule):
         super().__init__(*args, **kwargs)
         _check_args(group_size, max_new_tokens, temperature, std_floor, mode, max_staleness, sync_every, queue_size, worker_threads)
         self.rewards = RewardSet(list(rewards), reward_weights)
+        # Import paths instead of function objects keep hparams YAML-friendly and let checkpoints
+        # load with torch.load(weights_only=True).
+        self.hparams["rewards"] = [reward_path(function) for function in self.rewards.functions]
+        self._hparams_initial["rewards"] = list(self.hparams["rewards"])
         if mode == "async":
             check_picklable(self.rewards)  # fail now rather than when the worker starts
         self.policy_loss = ClippedPolicyLoss(clip_eps, clip_eps_high, kl_coef, loss_average)
@@ -189,6 +201,7 @@ class GRPOModule(CausalLMModule):
             return prompts
         if self.rollouts is not None:
             self.rollouts.close()
+        self._check_queue_size()
         _, rank = data_parallel_info(self._trainer)
         spec = WorkerSpec(
             model_config=self.model.config,
@@ -200,6 +213,7 @@ class GRPOModule(CausalLMModule):
             seed=self.hparams.seed + rank,
             num_threads=self.hparams.worker_threads,
             attn_implementation=self.hparams.attn_implementation,
+            max_staleness=self.hparams.max_staleness,
         )
         self.rollouts = AsyncRolloutLoader(
             prompts,
@@ -211,6 +225,17 @@ class GRPOModule(CausalLMModule):
             queue_size=self.hparams.queue_size,
         )
         return self.rollouts
+
+    def _check_queue_size(self) -> None:
+        accumulate = self._trainer.accumulate_grad_batches if self._trainer is not None else 1
+        hp = self.hparams
+        if hp.queue_size > hp.max_staleness * accumulate:
+            rank_zero_warn(
+                f"queue_size={hp.queue_size} is above max_staleness={hp.max_staleness} x "
+                f"accumulate_grad_batches={accumulate}: when generation is faster than training, "
+                "rollouts wait in the queue until they are too old and are dropped. Lower "
+                "queue_size or raise max_staleness."
+            )
 
     @torch.no_grad()
     def generate_rollouts(self, batch: PromptBatch, batch_idx: int = 0) -> RolloutBatch:
@@ -290,7 +315,10 @@ class GRPOModule(CausalLMModule):
         return self.policy_loss(log_probs, old_log_probs, batch.advantages, mask, ref_log_probs)
 
     def sequence_log_probs(self, logits: Tensor, targets: Tensor) -> Tensor:
-        """Log-probabilities ``[batch, seq_len]`` of ``targets`` at the sampling temperature, 0 where ignored."""
+        """Return the log-probabilities ``[batch, seq_len]`` of ``targets`` at the sampling temperature.
+
+        Ignored positions get 0.
+        """
         temperature = self.hparams.temperature
         if temperature != 1.0:
             logits = logits / temperature

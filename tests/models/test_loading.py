@@ -4,7 +4,13 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from lit_tune.models import build_tiny_tokenizer, load_model, load_tokenizer, resolve_source, tiny_llama_config
+from lit_tune.models import (
+    build_tiny_tokenizer,
+    load_model,
+    load_tokenizer,
+    resolve_source,
+    tiny_llama_config,
+)
 from lit_tune.modules import SFTModule
 
 
