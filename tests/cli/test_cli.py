@@ -113,3 +113,15 @@ def test_predict_subcommand_writes_jsonl(tmp_path):
     written = list(tmp_path.rglob("predictions.jsonl"))
     assert len(written) == 1
     assert len(written[0].read_text().splitlines()) == 16  # one batch of the config's batch size
+
+
+def test_wrong_type_is_rejected_with_key_name():
+    with pytest.raises(SystemExit):
+        _ParseOnly(args=["--config", str(ROOT / "configs/sft_tiny.yaml"), "--data.init_args.batch_size", "eight"], run=False)
+
+
+def test_wrong_type_message_names_key(tmp_path):
+    result = _lit_tune("fit", "--config", str(ROOT / "configs/sft_tiny.yaml"), "--data.init_args.batch_size", "eight", cwd=tmp_path)
+    assert result.returncode != 0
+    assert "batch_size" in result.stderr
+    assert "eight" in result.stderr
