@@ -220,7 +220,19 @@ def load_model(
         kwargs["gguf_file"] = resolved.gguf_file
     else:
         kwargs["use_safetensors"] = None if allow_pickle else True
-    return AutoModelForCausalLM.from_pretrained(resolved.location, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(resolved.location, **kwargs)
+    if resolved.kind == "gguf":
+        _forget_gguf_quantization(model)
+    return model
+
+
+def _forget_gguf_quantization(model: PreTrainedModel) -> None:
+    # transformers dequantises GGUF weights into ordinary tensors of `dtype` but keeps a GGUF
+    # quantizer on the model, and save_pretrained then refuses to write it. The weights are
+    # plain, so dropping the marker makes the model an ordinary trainable and exportable one.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
 
 
 __all__ = [
