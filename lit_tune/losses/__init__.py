@@ -12,6 +12,7 @@ from lit_tune.losses.cross_entropy import (
 from lit_tune.losses.dpo_sigmoid import SigmoidDPOLoss
 from lit_tune.losses.hinge import HingeLoss
 from lit_tune.losses.ipo import IPOLoss
+from lit_tune.losses.linear_cross_entropy import linear_cross_entropy_sum
 from lit_tune.losses.orpo import ORPOLoss
 from lit_tune.losses.policy import ClippedPolicyLoss, PolicyLossTerms, k3_kl
 from lit_tune.losses.preference import PairLogps, PreferenceLoss, PreferenceLossOutput
@@ -36,6 +37,7 @@ __all__ = [
     "count_targets",
     "cross_entropy_sum",
     "k3_kl",
+    "linear_cross_entropy_sum",
     "shift_labels",
     "token_cross_entropy",
     "token_log_probs",

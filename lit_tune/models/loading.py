@@ -222,17 +222,29 @@ def load_model(
         kwargs["use_safetensors"] = None if allow_pickle else True
     model = AutoModelForCausalLM.from_pretrained(resolved.location, **kwargs)
     if resolved.kind == "gguf":
-        _forget_gguf_quantization(model)
+        _drop_gguf_quantizer(model)
     return model
 
 
-def _forget_gguf_quantization(model: PreTrainedModel) -> None:
-    # transformers dequantises GGUF weights into ordinary tensors of `dtype` but keeps a GGUF
-    # quantizer on the model, and save_pretrained then refuses to write it. The weights are
-    # plain, so dropping the marker makes the model an ordinary trainable and exportable one.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
+def _drop_gguf_quantizer(model: PreTrainedModel) -> None:
+    """Make a model loaded from GGUF an ordinary one, so that ``save_pretrained`` accepts it.
+
+    transformers (checked with 5.25) dequantises the GGUF tensors into ``dtype`` on load but keeps
+    its GGUF quantizer on the model, and ``save_pretrained`` refuses to save a model that has one,
+    so every export of a fine-tuned GGUF model would fail.
+
+    Raises:
+        ValueError: If some layers were left in packed GGUF blocks, which cannot be trained.
+    """
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None:
+        return
+    if getattr(quantizer, "packed_modules", None):
+        raise ValueError(
+            f"{len(quantizer.packed_modules)} layers of the GGUF model stayed in packed GGUF blocks, "
+            "which cannot be trained. Load the file with dequantisation, as load_model does by default."
+        )
+    quantizer.remove_quantization_config(model)
 
 
 __all__ = [

@@ -5,14 +5,15 @@ from __future__ import annotations
 import logging
 
 from lightning.pytorch.utilities import rank_zero_info
-from torch import Tensor
+from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 from torchmetrics.aggregation import MeanMetric
 from typing_extensions import override
 
 from lit_tune.data.collate import TokenBatch
 from lit_tune.data.sft import data_parallel_info
 from lit_tune.generation import greedy_generate, split_prompts
-from lit_tune.losses import cross_entropy_sum, shift_labels
+from lit_tune.losses import cross_entropy_sum, linear_cross_entropy_sum, shift_labels
 from lit_tune.modules.base import CausalLMModule, perplexity
 
 log = logging.getLogger(__name__)
@@ -28,6 +29,13 @@ class SFTModule(CausalLMModule):
 
     Args:
         label_smoothing: Label smoothing of the cross entropy (also exact under loss parallel).
+        linear_cross_entropy: Compute the output head and the training loss together, a chunk of
+            tokens at a time (:func:`~lit_tune.losses.linear_cross_entropy_sum`), so the
+            ``[batch, seq_len, vocab]`` logits never exist whole: same loss and gradients and less
+            memory. It applies only where it cannot change the result: ``compute_loss`` not
+            overridden, a bias-free linear head that is not sharded, and a model type whose head
+            applies nothing after the projection (``_LINEAR_LOSS_MODEL_TYPES``). Elsewhere the
+            logits path runs; which path runs is logged at the first training step.
         max_new_tokens: Longest completion ``predict`` generates.
         **kwargs: Model, tokenizer, optimizer and export options of
             :class:`~lit_tune.modules.base.CausalLMModule`.
@@ -39,7 +47,7 @@ class SFTModule(CausalLMModule):
         trainer.fit(module, datamodule=SFTDataModule(path="train.jsonl"))
     """
 
-    def __init__(self, *args, label_smoothing: float = 0.0, max_new_tokens: int = 256, **kwargs) -> None:
+    def __init__(self, *args, label_smoothing: float = 0.0, linear_cross_entropy: bool = True, max_new_tokens: int = 256, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.max_new_tokens = max_new_tokens
         self.hparams["max_new_tokens"] = max_new_tokens
@@ -47,6 +55,8 @@ class SFTModule(CausalLMModule):
             raise ValueError(f"label_smoothing={label_smoothing} must be in [0, 1).")
         self.label_smoothing = label_smoothing
         self.hparams["label_smoothing"] = label_smoothing
+        self.hparams["linear_cross_entropy"] = linear_cross_entropy
+        self._linear_loss: bool | None = None  # decided at the first training step
         self.val_loss = MeanMetric()
         self.empty_batches = 0
 
@@ -80,10 +90,26 @@ class SFTModule(CausalLMModule):
             scale = 1.0 / max(batch.num_targets, 1)
         return loss_sum * scale
 
+    def _uses_linear_loss(self) -> bool:
+        """Whether the training loss skips the full logits (see ``linear_cross_entropy``)."""
+        if self._linear_loss is None:
+            self._linear_loss = bool(self.hparams.linear_cross_entropy) and _linear_loss_applies(self)
+            rank_zero_info(
+                "SFT loss: output head and cross entropy computed together in chunks."
+                if self._linear_loss
+                else "SFT loss: cross entropy on the full logits."
+            )
+        return self._linear_loss
+
     @override
     def training_step(self, batch: TokenBatch, batch_idx: int) -> Tensor | None:
-        logits = self.forward_logits(batch)
-        loss_sum = self.compute_loss(logits, shift_labels(batch.labels), batch)
+        targets = shift_labels(batch.labels)
+        if self._uses_linear_loss():
+            hidden = self.forward_hidden(batch)
+            head = self.model.get_output_embeddings().weight
+            loss_sum = linear_cross_entropy_sum(hidden, head, targets, label_smoothing=self.label_smoothing)
+        else:
+            loss_sum = self.compute_loss(self.forward_logits(batch), targets, batch)
         loss = self.check_finite(self.normalise(loss_sum, batch), batch_idx)
         if loss is None:
             return None
@@ -136,6 +162,22 @@ class SFTModule(CausalLMModule):
     def on_train_end(self) -> None:
         if self.empty_batches:
             rank_zero_info(f"{self.empty_batches} training batches had no trained token and added zero loss.")
+
+
+# Model types whose causal-LM head is exactly `lm_head(hidden)`: no logit scaling or soft-capping.
+_LINEAR_LOSS_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+
+
+def _linear_loss_applies(module: SFTModule) -> bool:
+    model = module.model
+    head = model.get_output_embeddings() if model is not None else None
+    return (
+        type(module).compute_loss is SFTModule.compute_loss
+        and isinstance(head, nn.Linear)
+        and head.bias is None
+        and getattr(model.config, "model_type", None) in _LINEAR_LOSS_MODEL_TYPES
+        and not any(isinstance(p, DTensor) for p in model.parameters())
+    )
 
 
 __all__ = ["SFTModule"]
