@@ -1,9 +1,10 @@
 """Runner for the transformers ``Trainer`` and TRL's ``SFTTrainer`` (peer environment ``hf``).
 
 ``spec.system`` picks the trainer: ``"transformers"`` or ``"trl"``. Both get the pre-tokenized
-sequences with ``labels`` equal to ``input_ids`` (the model shifts them), no attention mask
-(every position is a real token), their default optimizer implementation with AdamW settings from
-the spec, a constant learning rate and no gradient clipping. A ``TrainerCallback`` timestamps
+sequences with ``labels`` equal to ``input_ids`` (the model shifts them) and no attention mask,
+because every position is a real token. They keep their default optimizer implementation, with
+the spec's AdamW settings, a constant learning rate and no gradient clipping. TRL runs in fp32 without gradient
+checkpointing, like every other system, which overrides two of its defaults. A ``TrainerCallback`` timestamps
 ``on_step_end``, which fires after each optimizer step.
 """
 
@@ -66,7 +67,7 @@ def _common_args(spec) -> dict:
         "use_cpu": True,
         "dataloader_num_workers": 0,
         "seed": spec.seed,
-        "train_sampling_strategy": "sequential",  # every system sees the sequences in file order
+        "train_sampling_strategy": "sequential",  # every system reads the sequences in file order
         "disable_tqdm": True,
     }
 
@@ -79,7 +80,16 @@ def _build_trainer(spec, model, tokenizer, sequences, callback):
     from trl import SFTConfig, SFTTrainer
 
     seq_len = len(sequences[0])
-    config = SFTConfig(**_common_args(spec), max_length=seq_len, packing=False, dataset_num_proc=None)
+    # SFTConfig defaults to bf16 mixed precision and gradient checkpointing; the benchmark's work
+    # is fp32 with stored activations for every system.
+    config = SFTConfig(
+        **_common_args(spec),
+        max_length=seq_len,
+        packing=False,
+        dataset_num_proc=None,
+        bf16=False,
+        gradient_checkpointing=False,
+    )
     # A dataset with an `input_ids` column counts as tokenized, so SFTTrainer skips its own step.
     dataset = Dataset.from_dict({"input_ids": sequences})
     return SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer, callbacks=[callback])
@@ -95,7 +105,7 @@ def main() -> None:
     clock, losses = StepClock(), []
     trainer = _build_trainer(spec, model, tokenizer, sequences, _Timing(clock, losses))
     trainer.train()
-    # Accelerate wraps the optimizer; the torch optimizer inside holds the settings.
+    # Accelerate wraps the optimizer, and the torch optimizer inside it has the settings.
     optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
     defaults = getattr(optimizer, "defaults", {})
     notes = {
