@@ -41,7 +41,7 @@ from lit_tune.data.formatting import (
     encode_response,
 )
 from lit_tune.data.loader import BatchLoader, ResumableBatchLoader
-from lit_tune.data.sft import data_parallel_info
+from lit_tune.data.sft import data_parallel_info, train_placement
 from lit_tune.data.sources import DataFormatError, load_rows
 from lit_tune.losses import IGNORE_INDEX
 from lit_tune.models.loading import load_tokenizer
@@ -665,8 +665,6 @@ class PreferenceDataModule(L.LightningDataModule):
 
     @override
     def train_dataloader(self) -> ResumablePreferenceLoader:
-        num_replicas, rank = data_parallel_info(self.trainer)
-        accumulate = self.trainer.accumulate_grad_batches if self.trainer is not None else 1
         return ResumablePreferenceLoader(
             self.train_rows,
             self.hparams.batch_size,
@@ -674,9 +672,7 @@ class PreferenceDataModule(L.LightningDataModule):
             shuffle=True,
             seed=self.hparams.seed,
             drop_last=self.hparams.drop_last,
-            accumulate_grad_batches=accumulate,
-            num_replicas=num_replicas,
-            rank=rank,
+            **train_placement(self.trainer),
         )
 
     @override

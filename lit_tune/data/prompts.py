@@ -12,7 +12,7 @@ from typing_extensions import override
 
 from lit_tune.data.formatting import KNOWN_ROLES, FormatStats, encode_prompt
 from lit_tune.data.loader import ResumableBatchLoader
-from lit_tune.data.sft import data_parallel_info
+from lit_tune.data.sft import train_placement
 from lit_tune.data.sources import DataFormatError, load_rows
 from lit_tune.models.loading import load_tokenizer
 from lit_tune.rl.rollout import PromptBatch, PromptRow
@@ -172,8 +172,6 @@ class PromptDataModule(L.LightningDataModule):
 
     @override
     def train_dataloader(self) -> Any:
-        num_replicas, rank = data_parallel_info(self.trainer)
-        accumulate = self.trainer.accumulate_grad_batches if self.trainer is not None else 1
         loader = PromptLoader(
             self.train_prompts,
             self.hparams.batch_size,
@@ -181,9 +179,7 @@ class PromptDataModule(L.LightningDataModule):
             shuffle=True,
             seed=self.hparams.seed,
             drop_last=self.hparams.drop_last,
-            accumulate_grad_batches=accumulate,
-            num_replicas=num_replicas,
-            rank=rank,
+            **train_placement(self.trainer),
         )
         module = self.trainer.lightning_module if self.trainer is not None else None
         wrap = getattr(module, "rollout_loader", None)

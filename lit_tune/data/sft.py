@@ -35,6 +35,13 @@ def data_parallel_info(trainer: L.Trainer | None) -> tuple[int, int]:
     return kwargs.get("num_replicas", 1), kwargs.get("rank", 0)
 
 
+def train_placement(trainer: L.Trainer | None) -> dict[str, int]:
+    """Return the ``accumulate_grad_batches``, ``num_replicas`` and ``rank`` a training loader needs."""
+    num_replicas, rank = data_parallel_info(trainer)
+    accumulate = trainer.accumulate_grad_batches if trainer is not None else 1
+    return {"accumulate_grad_batches": accumulate, "num_replicas": num_replicas, "rank": rank}
+
+
 class SFTDataModule(L.LightningDataModule):
     """Supervised fine-tuning data: prompt/response pairs or chat transcripts, prompt-masked.
 
@@ -164,8 +171,6 @@ class SFTDataModule(L.LightningDataModule):
 
     @override
     def train_dataloader(self) -> ResumableBatchLoader:
-        num_replicas, rank = data_parallel_info(self.trainer)
-        accumulate = self.trainer.accumulate_grad_batches if self.trainer is not None else 1
         return ResumableBatchLoader(
             self.train_rows,
             self.hparams.batch_size,
@@ -173,9 +178,7 @@ class SFTDataModule(L.LightningDataModule):
             shuffle=True,
             seed=self.hparams.seed,
             drop_last=self.hparams.drop_last,
-            accumulate_grad_batches=accumulate,
-            num_replicas=num_replicas,
-            rank=rank,
+            **train_placement(self.trainer),
         )
 
     @override
@@ -210,4 +213,4 @@ def _check_args(val_fraction: float, max_seq_len: int, overlong: str, batch_size
         raise ValueError("Invalid SFTDataModule arguments: " + " ".join(problems))
 
 
-__all__ = ["SFTDataModule", "data_parallel_info"]
+__all__ = ["SFTDataModule", "data_parallel_info", "train_placement"]

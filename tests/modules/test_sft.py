@@ -135,7 +135,8 @@ def test_resume_equals_uninterrupted(tmp_path):
     full, full_losses = run(20)
     _, first_losses = run(10, root=tmp_path / "ckpt")
     resumed, resumed_losses = run(20, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
-    assert len(full_losses) == 20 and len(resumed_losses) == 10
+    assert len(full_losses) == 20
+    assert len(resumed_losses) == 10
     torch.testing.assert_close(torch.tensor(first_losses + resumed_losses), torch.tensor(full_losses), atol=1e-6, rtol=0)
     _assert_weights_close(_weights(resumed), _weights(full), atol=1e-6)
 
