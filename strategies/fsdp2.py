@@ -6,6 +6,7 @@ import logging
 from collections.abc import Generator
 from contextlib import contextmanager, nullcontext
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -21,6 +22,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel as _loss_parallel_context
 from typing_extensions import override
 
+from ._checkpoint import partial_path, recover, remove, swap_into_place
 from ._loading import has_meta_tensors, materialize
 from ._mesh import (
     TENSOR_PARALLEL,
@@ -238,6 +240,35 @@ class FSDP2Strategy(ModelParallelStrategy):
         materialize(module, device, found[1] if found else None, checkpoint)
         if checkpoint is not None:
             module.checkpoint_to_load = None
+
+    # ------------------------------------------------------------------ checkpoints
+
+    @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
+        """Save as Lightning does, but write a distributed checkpoint beside the old one first.
+
+        The shards go to ``<filepath>.partial``; rank 0 renames it to ``filepath`` once every rank
+        has finished, so a job killed mid-save keeps its previous checkpoint. Consolidated
+        (single-file) checkpoints go through the ``CheckpointIO`` plugin, for example
+        ``lit_tune.AtomicCheckpointIO``.
+        """
+        if not self._save_distributed_checkpoint:
+            super().save_checkpoint(checkpoint, filepath, storage_options)
+            return
+        path = Path(self.broadcast(filepath))
+        partial = partial_path(path)
+        if self.global_rank == 0:
+            remove(partial)
+        self.barrier("save_checkpoint_start")
+        super().save_checkpoint(checkpoint, partial, storage_options)
+        self.barrier("save_checkpoint_written")
+        if self.global_rank == 0:
+            swap_into_place(partial, path)
+        self.barrier("save_checkpoint_done")
+
+    @override
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        return super().load_checkpoint(recover(Path(self.broadcast(checkpoint_path))), weights_only)
 
     # ------------------------------------------------------------------ steps
 

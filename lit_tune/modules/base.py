@@ -12,7 +12,6 @@ import copy
 import inspect
 import logging
 import math
-import random
 import time
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from typing_extensions import override
 from lit_tune.data.collate import TokenBatch
 from lit_tune.models.export import export_hf
 from lit_tune.models.loading import load_model, load_tokenizer, resolve_source
+from lit_tune.modules._rng import gather_rng_state, restore_rng_state
 from lit_tune.optim import WarmupCosine
 
 log = logging.getLogger(__name__)
@@ -234,23 +234,14 @@ class CausalLMModule(L.LightningModule):
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Lightning does not save random-number state; sampling and dropout need it to resume
-        # exactly. Stored as tensors and lists so that `weights_only=True` loading accepts it.
-        checkpoint["lit_tune_rng"] = {
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "python": list(random.getstate()[1]),
-        }
+        # Lightning saves no random-number state; dropout and sampling need every rank's.
+        checkpoint["lit_tune_rng"] = gather_rng_state(self.trainer.strategy)
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("lit_tune_rng")
-        if state is None:
-            return
-        torch.set_rng_state(state["torch"])
-        if state["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda"])
-        random.setstate((3, tuple(state["python"]), None))
+        if state is not None:
+            restore_rng_state(state, self.global_rank, self.trainer.world_size)
 
     # -------------------------------------------------------------- export
 
