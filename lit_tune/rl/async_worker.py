@@ -263,6 +263,7 @@ def _worker_main(
                     version = weights.load_into(model, version)
                     rollouts = _generate(spec, model, batch, generator)
                     rollouts.policy_version, rollouts.stale_discarded = version, discarded
+                    rollouts.prompt_state = _loader_state(prompts)
                     outcome = _put(rollout_queue, rollouts, weights, spec.max_staleness, stop)
                     discarded += outcome == _Outcome.STALE
                 if outcome == _Outcome.STOPPED:
@@ -270,6 +271,11 @@ def _worker_main(
                 discarded = 0
     except BaseException as error:  # every failure must reach the trainer, KeyboardInterrupt too
         error_queue.put(_encode_failure(error))
+
+
+def _loader_state(loader: Any) -> dict | None:
+    state_dict = getattr(loader, "state_dict", None)
+    return state_dict() if callable(state_dict) else None
 
 
 class AsyncRolloutLoader:
@@ -282,6 +288,11 @@ class AsyncRolloutLoader:
     because they fell that far behind the published weights while waiting for room in the queue.
     Lightning fetches the next batch right before each training step when the loader has a
     length (as this one does), so the lag checked here is the lag trained on.
+
+    When ``prompts`` has ``state_dict``/``load_state_dict`` (as ``PromptLoader`` has), checkpoints
+    record the position after the last prompt batch the trainer took, dropped batches included.
+    A resumed worker starts there: rollouts that were still queued are generated again, so no
+    prompt is skipped or taken twice.
 
     Args:
         prompts: Prompt micro-batches for this rank; the worker iterates them epoch after epoch.
@@ -324,6 +335,9 @@ class AsyncRolloutLoader:
         self.stop_timeout = stop_timeout
         self.dropped_stale = 0
         self.published_version = -1
+        self._prompt_state: dict | None = None
+        self._taken_in_epoch = 0
+        self._batches_taken = 0
         self.process: Any = None
         self._context = multiprocessing.get_context("spawn")
         self._weights: SharedWeights | None = None
@@ -334,8 +348,31 @@ class AsyncRolloutLoader:
     def __len__(self) -> int:
         return len(self.prompts)
 
-    # NOTE: there is no state_dict, so checkpoints do not record the worker's place in the prompt
-    # order, and a resumed run starts it at the beginning of the first epoch again.
+    def state_dict(self) -> dict[str, Any]:
+        """Prompt-loader position after the last batch taken, and the batches taken this epoch."""
+        prompts = self._prompt_state if self._prompt_state is not None else _loader_state(self.prompts)
+        # After an epoch's last batch the next run starts a new epoch, as ResumableBatchLoader does.
+        taken = self._taken_in_epoch % len(self) if len(self) else 0
+        return {"prompts": dict(prompts or {}), "taken_in_epoch": taken}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a saved prompt position; the worker restarts there if it already runs.
+
+        Raises:
+            RuntimeError: If batches were already taken from this loader.
+        """
+        if self._batches_taken:
+            raise RuntimeError(
+                f"load_state_dict was called after {self._batches_taken} rollout batches were taken; call it before training."
+            )
+        if self.process is not None:
+            # Lightning's setup calls iter(), which starts the worker, before it restores state.
+            self.close()
+        if state.get("prompts"):
+            self.prompts.load_state_dict(state["prompts"])
+            self._prompt_state = dict(state["prompts"])
+        self._taken_in_epoch = state.get("taken_in_epoch", 0)
+
     def __iter__(self) -> Iterator[RolloutBatch]:
         # Start at iter(), not at the first next(): Lightning calls iter() during its setup, so
         # the worker loads while the trainer still prepares.
@@ -343,8 +380,12 @@ class AsyncRolloutLoader:
         return self._batches()
 
     def _batches(self) -> Iterator[RolloutBatch]:
-        for _ in range(len(self)):
-            yield self.next_batch()
+        # A run resumed mid-epoch yields only the rest of that epoch, like ResumableBatchLoader.
+        self._taken_in_epoch = self._taken_in_epoch % len(self) if len(self) else 0
+        for _ in range(self._taken_in_epoch, len(self)):
+            batch = self.next_batch()
+            self._taken_in_epoch += 1
+            yield batch
 
     # ------------------------------------------------------------ worker control
 
@@ -433,6 +474,8 @@ class AsyncRolloutLoader:
         """
         while True:
             rollouts = self._get()
+            self._prompt_state = rollouts.prompt_state
+            self._batches_taken += 1
             self.dropped_stale += rollouts.stale_discarded
             current = self.current_version()
             if current - rollouts.policy_version > self.max_staleness:

@@ -111,6 +111,8 @@ class Rollouts:
         generation_seconds: Time spent sampling.
         stale_discarded: Rollout batches the worker discarded as too old since its last queued
             one (asynchronous mode).
+        prompt_state: The prompt loader's ``state_dict()`` right after the prompts of this batch
+            (asynchronous mode), or None when the loader has no state.
     """
 
     prompt_ids: list[list[int]]
@@ -125,6 +127,7 @@ class Rollouts:
     policy_version: int = 0
     generation_seconds: float = 0.0
     stale_discarded: int = 0
+    prompt_state: dict | None = None
 
     def __len__(self) -> int:
         return len(self.completion_ids)

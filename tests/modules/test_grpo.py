@@ -251,6 +251,38 @@ def test_sync_resume_matches_uninterrupted(tmp_path):
     assert moved > 1e-3
 
 
+class PromptRecorder(L.Callback):
+    """Record the prompt tokens (real tokens without a label) of every training batch."""
+
+    def __init__(self):
+        self.prompts = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        rows = zip(batch.input_ids, batch.labels, batch.attention_mask)
+        self.prompts.append([ids[(labels == IGNORE_INDEX) & (mask == 1)].tolist() for ids, labels, mask in rows])
+
+
+def test_async_resume_continues_prompt_order(tmp_path):
+    # max_staleness is high so that no batch is dropped and both runs take the same prompts.
+    settings = {"mode": "async", "max_staleness": 100, "queue_size": 1}
+    straight = PromptRecorder()
+    L.seed_everything(0)
+    cpu_trainer(max_steps=6, callbacks=[straight]).fit(_module(**settings), datamodule=_data(batch_size=2))
+
+    first = PromptRecorder()
+    trainer = cpu_trainer(max_steps=3, callbacks=[first])
+    trainer.fit(_module(**settings), datamodule=_data(batch_size=2))
+    trainer.save_checkpoint(tmp_path / "step3.ckpt")
+    resumed = PromptRecorder()
+    cpu_trainer(max_steps=6, callbacks=[resumed]).fit(
+        _module(**settings), datamodule=_data(batch_size=2), ckpt_path=tmp_path / "step3.ckpt"
+    )
+
+    assert len(straight.prompts) == 6
+    assert first.prompts == straight.prompts[:3]
+    assert resumed.prompts == straight.prompts[3:]
+
+
 def _fixed_batch(module):
     """Two prompt + completion sequences of different lengths, right-padded."""
     input_ids = torch.tensor([[1, 40, 41, 42, 50, 51, 2, 0], [1, 43, 60, 61, 62, 63, 64, 2]])

@@ -98,3 +98,45 @@ def test_killed_worker_is_reported():
             loader.next_batch()
     assert loader.process is None
     assert multiprocessing.active_children() == []
+
+
+def _prompts_of(batch):
+    # Prompt tokens are the real tokens that carry no label.
+    rows = []
+    for ids, labels, mask in zip(batch.input_ids, batch.labels, batch.attention_mask):
+        rows.append(ids[(labels == IGNORE_INDEX) & (mask == 1)].tolist())
+    return rows
+
+
+def _take(loader, count):
+    batches = iter(loader)
+    return [_prompts_of(next(batches)) for _ in range(count)]
+
+
+def test_resumed_loader_continues_prompt_order():
+    model = _tiny_model()
+    version = {"now": 0}
+    straight = _loader(model, version, max_staleness=100)
+    try:
+        # 8 prompts in micro-batches of 2: 4 batches per epoch; the 5th opens the second epoch.
+        expected = _take(straight, 4) + _take(straight, 1)
+    finally:
+        straight.close()
+
+    interrupted = _loader(model, version, max_staleness=100)
+    try:
+        assert _take(interrupted, 2) == expected[:2]
+        state = interrupted.state_dict()
+    finally:
+        interrupted.close()
+    assert state["taken_in_epoch"] == 2
+
+    resumed = _loader(model, version, max_staleness=100)
+    resumed.load_state_dict(state)
+    try:
+        rest_of_epoch = [_prompts_of(batch) for batch in resumed]
+        assert rest_of_epoch == expected[2:4]  # only the two batches left in the epoch
+        assert _take(resumed, 1) == expected[4:5]
+    finally:
+        resumed.close()
+    assert multiprocessing.active_children() == []
