@@ -7,6 +7,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).with_name("rank_failure_script.py")
 
 
@@ -16,10 +18,11 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_rank_failure_ends_run_with_original_error(tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_rank_failure_ends_run_with_original_error(tmp_path, strategy):
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
     start = time.monotonic()
-    result = subprocess.run([sys.executable, str(SCRIPT)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    result = subprocess.run([sys.executable, str(SCRIPT), strategy], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     elapsed = time.monotonic() - start
     assert result.returncode != 0
     assert "rank 1 failed on purpose" in result.stderr
