@@ -45,6 +45,22 @@ class LitTuneCLI(LightningCLI):
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         super().__init__(L.LightningModule, L.LightningDataModule, *args, **kwargs)
 
+    def parse_arguments(self, parser: Any, args: Any) -> None:
+        """Parse as LightningCLI does, and keep ``args`` for :meth:`_parse_ckpt_path`."""
+        self._args = args
+        super().parse_arguments(parser, args)
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI (2.6) applies the hyperparameters saved in a --ckpt_path checkpoint over the
+        # whole parsed config, so a model value from a config file or the command line was silently
+        # replaced. The checkpoint now fills the model arguments first, and the config files and
+        # command line are parsed again on top: command line > config file > checkpoint > defaults.
+        parsed = self.config
+        super()._parse_ckpt_path()
+        if self.config is parsed or isinstance(self._args, dict):
+            return
+        self.config = self.parser.parse_args(self._args, namespace=self.config.clone())
+
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         """Instantiate the trainer with the default callbacks that do not clash with the config."""
         config = self._get(self.config_init, "trainer", default={})

@@ -125,3 +125,22 @@ def test_wrong_type_message_names_key(tmp_path):
     assert result.returncode != 0
     assert "batch_size" in result.stderr
     assert "eight" in result.stderr
+
+
+def test_ckpt_hparams_yield_to_command_line(tmp_path):
+    # Fit with a value that only the checkpoint records, then validate giving another value.
+    common = ["--config", str(ROOT / "configs/sft_tiny.yaml"), "--trainer.default_root_dir", str(tmp_path)]
+    fit = _lit_tune(
+        "fit", *common, "--trainer.max_steps", "1", "--trainer.limit_val_batches", "1",
+        "--model.init_args.label_smoothing", "0.25", "--model.init_args.export", "false", cwd=tmp_path,
+    )
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    checkpoint = next(tmp_path.rglob("last.ckpt"))
+
+    cli = LitTuneCLI(
+        args=["validate", *common, "--ckpt_path", str(checkpoint), "--model.init_args.max_new_tokens", "8",
+              "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false"],
+    )
+    assert cli.model.hparams.max_new_tokens == 8  # the command line wins
+    assert cli.model.hparams.label_smoothing == 0.25  # filled from the checkpoint
+    assert cli.model.hparams.model == "tiny"  # the config file, equal to the checkpoint here
