@@ -286,9 +286,9 @@ COMMANDS: dict[str, Run | Covered | NotRun] = {
         "tests/reliability/test_faults.py::test_fault_injection_resumes_to_identical_weights"
     ),
     # docs/strategy.md
-    "lit-tune fit --config configs/sft_tiny.yaml --trainer.strategy lit_tune.strategies.FSDP2Strategy "
-    "--trainer.devices 8": NotRun(
-        "starts 8 training processes (CPU processes under this config's accelerator: cpu); tests/strategies/test_fsdp2_strategy.py::test_lightning_cli_yaml_trains "
+    "lit-tune fit --config configs/sft_tiny.yaml --trainer.accelerator gpu --trainer.strategy "
+    "lit_tune.strategies.FSDP2Strategy --trainer.devices 8": NotRun(
+        "needs 8 GPUs; tests/strategies/test_fsdp2_strategy.py::test_lightning_cli_yaml_trains "
         "trains FSDP2Strategy through LightningCLI on 2 CPU processes"
     ),
     "torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint $HEAD_NODE:29500 -m lit_tune.cli "
