@@ -331,6 +331,8 @@ class DPOModule(CausalLMModule):
                 "longer the reference. Resume from a checkpoint written by a DPOModule with "
                 "reference='precomputed', or start a new run."
             )
+        if not fitting:  # validate or test alone reads no training pairs
+            rows = {split: split_rows for split, split_rows in rows.items() if split != "train"}
         missing = sum(row.reference_chosen is None for split in rows.values() for row in split)
         if fitting or not self._reference_scored:
             self.score_reference(rows)

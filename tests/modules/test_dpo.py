@@ -239,6 +239,7 @@ def test_validate_before_training_gives_zero_rewards():
     assert metrics["val/rewards/margins"] == pytest.approx(0.0, abs=1e-5)
     assert metrics["val/logps/chosen"] < 0
     assert all(row.reference_chosen is not None for row in data.val_rows)
+    assert all(row.reference_chosen is None for row in data.train_rows)  # validation scores no train pairs
     (test_metrics,) = cpu_trainer().test(module, datamodule=data)
     assert test_metrics["test/loss"] == pytest.approx(metrics["val/loss"], abs=1e-6)
 
