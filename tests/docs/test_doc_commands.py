@@ -214,6 +214,10 @@ COMMANDS: dict[str, Run | Covered | NotRun] = {
         "a template: <gguf file or export folder> stands for the SmolLM2 GGUF file or the export "
         "of the run above, and 50 answers take about 4 minutes on a CPU"
     ),
+    "python benchmarks/peers/harness.py --data ../shared/data/gsm8k/train.jsonl --envs /work/peer-envs "
+    "--work-dir /work/bench-work --report-dir /tmp/peers-report --models tiny smollm2 --steps tiny=20 smollm2=8 "
+    "--batch-size tiny=4 smollm2=2 --warmup 1 --repeats tiny=3 smollm2=2 --threads 1 "
+    "--lit-tune-variant lit_tune_before=<checkout of the previous commit>": NotRun(PEER_HARNESS_REASON),
     # docs/benchmarks_peers.md
     "python benchmarks/peers/harness.py --data ../shared/data/gsm8k/train.jsonl --envs /work/peer-envs "
     "--work-dir /work/bench-work --report-dir /work/bench-work/final --models tiny smollm2 "
