@@ -10,6 +10,7 @@ only lit_tune's::
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -27,6 +28,8 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lit_tune.callbacks.preemption import PreemptionCheckpoint
 from lit_tune.checkpoint_io import AtomicCheckpointIO
 from lit_tune.generation import JsonlPredictionWriter
+
+log = logging.getLogger(__name__)
 
 
 class LitTuneCLI(LightningCLI):
@@ -51,15 +54,34 @@ class LitTuneCLI(LightningCLI):
         super().parse_arguments(parser, args)
 
     def _parse_ckpt_path(self) -> None:
+        # `--ckpt_path last` would make Lightning look in this run's new version_N folder, which is
+        # empty, so it would warn and train from step 0. Resolve it to the newest last*.ckpt of
+        # earlier runs under default_root_dir instead.
+        resolved = self._resolve_last_checkpoint()
         # LightningCLI (2.6) applies the hyperparameters saved in a --ckpt_path checkpoint over the
         # whole parsed config, so a model value from a config file or the command line was silently
         # replaced. The checkpoint now fills the model arguments first, and the config files and
         # command line are parsed again on top: command line > config file > checkpoint > defaults.
         parsed = self.config
         super()._parse_ckpt_path()
-        if self.config is parsed or isinstance(self._args, dict):
-            return
-        self.config = self.parser.parse_args(self._args, namespace=self.config.clone())
+        if self.config is not parsed and not isinstance(self._args, dict):
+            self.config = self.parser.parse_args(self._args, namespace=self.config.clone())
+        if resolved is not None:
+            self.config[f"{self.config.subcommand}.ckpt_path"] = resolved
+
+    def _resolve_last_checkpoint(self) -> str | None:
+        subcommand = self.config.get("subcommand")
+        if not subcommand or self.config[subcommand].get("ckpt_path") != "last":
+            return None
+        root = Path(self.config[subcommand].trainer.get("default_root_dir") or ".")
+        candidates = [path for path in root.glob("**/checkpoints/last*.ckpt") if path.exists()]
+        if not candidates:
+            log.warning("--ckpt_path last: no last*.ckpt under %s, so training starts from scratch.", root)
+            return None
+        newest = str(max(candidates, key=lambda path: path.stat().st_mtime))
+        log.info("--ckpt_path last: resuming from %s, the newest last*.ckpt under %s.", newest, root)
+        self.config[f"{subcommand}.ckpt_path"] = newest
+        return newest
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         """Instantiate the trainer with the default callbacks that do not clash with the config."""

@@ -254,9 +254,18 @@ class CausalLMModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Lightning saves no random-number state; dropout and sampling need every rank's.
         checkpoint["lit_tune_rng"] = gather_rng_state(self.trainer.strategy)
+        checkpoint["lit_tune_module"] = _module_kind(type(self))
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved, mine = checkpoint.get("lit_tune_module"), _module_kind(type(self))
+        if saved is not None and saved != mine:
+            raise ValueError(
+                f"The checkpoint was written by {saved}, so it cannot resume {mine}: ckpt_path "
+                "restores a whole training run (optimizer, loop and data position). To start from "
+                "that model's weights instead, set model to its Hugging Face export (the run's "
+                "hf_model folder) and leave ckpt_path unset."
+            )
         state = checkpoint.get("lit_tune_rng")
         if state is not None:
             restore_rng_state(state, self.global_rank, self.trainer.world_size)
@@ -318,9 +327,18 @@ def prefer_fused_adam(optimizer: Optimizer) -> Optimizer:
     return type(optimizer)(groups, **{**options, "fused": True})
 
 
+def _module_kind(cls: type) -> str:
+    """Return the name of the first lit_tune module class in ``cls``'s MRO (``SFTModule``, ...)."""
+    for base in cls.__mro__:
+        if base.__module__.startswith("lit_tune.modules."):
+            return base.__name__
+    return cls.__name__
+
+
 def perplexity(mean_loss: Tensor) -> Tensor:
     """Perplexity from a mean token cross entropy, capped to stay finite."""
     return torch.exp(mean_loss.clamp(max=math.log(1e30)))
 
 
 __all__ = ["CausalLMModule", "perplexity", "prefer_fused_adam"]
+

@@ -403,6 +403,7 @@ class DPOModule(CausalLMModule):
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
         if self.reference != "precomputed" or not self._reference_scored:
             return
         rows = _datamodule_rows(self.trainer)
@@ -416,6 +417,7 @@ class DPOModule(CausalLMModule):
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
         self._loaded_reference = checkpoint.get(REFERENCE_CHECKPOINT_KEY)
 
 

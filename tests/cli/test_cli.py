@@ -144,3 +144,17 @@ def test_ckpt_hparams_yield_to_command_line(tmp_path):
     assert cli.model.hparams.max_new_tokens == 8  # the command line wins
     assert cli.model.hparams.label_smoothing == 0.25  # filled from the checkpoint
     assert cli.model.hparams.model == "tiny"  # the config file, equal to the checkpoint here
+
+
+def test_ckpt_path_last_resumes_newest_earlier_run(tmp_path):
+    common = ["--config", str(ROOT / "configs/sft_tiny.yaml"), "--trainer.default_root_dir", str(tmp_path),
+              "--trainer.limit_val_batches", "1", "--model.init_args.export", "false",
+              "--trainer.enable_progress_bar", "false"]
+    first = _lit_tune("fit", *common, "--trainer.max_steps", "2", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    saved = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    assert saved.is_file()
+
+    cli = LitTuneCLI(args=["fit", *common, "--trainer.max_steps", "3", "--ckpt_path", "last"])
+    assert cli.trainer.ckpt_path == str(saved)  # found in version_0, not in this run's version_1
+    assert cli.trainer.global_step == 3

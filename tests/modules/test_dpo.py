@@ -397,3 +397,21 @@ def test_fsdp2_shards_policy_and_live_reference(fsdp2_results):
     assert fsdp2_results["tp2_live"]["reference_layers_sharded"] == [True, True]
     assert fsdp2_results["dp2_live"]["reference_layers_sharded"] == [True, True]
     assert fsdp2_results["dp2_live"]["reference_placements"] == "(Shard(dim=0),)"
+
+
+def test_checkpoint_of_another_module_is_rejected(tmp_path):
+    from lit_tune.data.sft import SFTDataModule
+    from lit_tune.modules.sft import SFTModule
+
+    dpo = _module()
+    trainer = cpu_trainer(max_steps=1)
+    trainer.fit(dpo, datamodule=_data(batch_size=2))
+    trainer.save_checkpoint(tmp_path / "dpo.ckpt")
+    saved = torch.load(tmp_path / "dpo.ckpt", weights_only=True)
+    assert saved["lit_tune_module"] == "DPOModule"  # SmallDPOModule is a DPOModule
+    assert "lit_tune_rng" in saved  # DPO keeps the base module's random-number state
+
+    sft = SFTModule(model="tiny", export=False)
+    sft_data = SFTDataModule(rows=[{"prompt": "1+1=", "response": "2"}] * 8, batch_size=2, val_fraction=0.0)
+    with pytest.raises(ValueError, match="written by DPOModule, so it cannot resume SFTModule"):
+        cpu_trainer(max_steps=2).fit(sft, datamodule=sft_data, ckpt_path=tmp_path / "dpo.ckpt")
