@@ -227,6 +227,10 @@ COMMANDS: dict[str, Run | Covered | NotRun] = {
     ),
     # docs/callbacks.md
     "pytest tests/callbacks -q": Covered("tests/callbacks"),
+    "lit-tune fit --config configs/sft_tiny.yaml --trainer.callbacks+=lit_tune.callbacks.OptimizerInBackward "
+    "--trainer.callbacks+=lit_tune.callbacks.ActivationCheckpointing": Run(
+        creates=SFT_CHECKPOINTS, prints="OptimizerInBackward", overrides=SHORT_FIT
+    ),
     # docs/cli.md
     "lit-tune fit --config configs/sft_tiny.yaml --trainer.max_steps 50 --data.batch_size 8": Run(
         creates=SFT_CHECKPOINTS, overrides=SHORT_FIT
