@@ -85,6 +85,11 @@ class FormatStats:
 
 def _text(row: Mapping[str, Any], column: str, where: str) -> str:
     value = row[column]
+    if value is None:
+        # `datasets` gives a row that lacks a column present in other rows a null value there.
+        raise DataFormatError(
+            f"{where}: column {column!r} is missing or null. Add it to that row or remove the row."
+        )
     if not isinstance(value, str):
         raise DataFormatError(
             f"{where}: column {column!r} must be a string, got {type(value).__name__} ({value!r:.60})."

@@ -42,7 +42,8 @@ def _find_json_error(path: Path) -> str | None:
             if not line.strip():
                 continue
             try:
-                value = json.loads(line)
+                # Without the newline, an error at the end of the line reports this line's column.
+                value = json.loads(line.rstrip("\r\n"))
             except json.JSONDecodeError as err:
                 return f"line {line_number}: invalid JSON ({err.msg} at column {err.colno})"
             if not isinstance(value, dict):

@@ -130,3 +130,11 @@ def test_collated_batch_tensors_are_long():
     batch = collate_rows([Row([1, 2, 3], [X, 2, 3])], pad_id=0)
     assert batch.input_ids.dtype == torch.long
     assert batch.position_ids is None
+
+
+def test_row_missing_a_column_in_a_file_is_named(tmp_path):
+    # In a JSONL file, `datasets` fills a column that one row lacks with null.
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "c"}\n')
+    with pytest.raises(DataFormatError, match=r"row 2: column 'response' is missing or null"):
+        SFTDataModule(path=str(path), val_fraction=0.0, batch_size=1).setup("fit")

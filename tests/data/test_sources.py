@@ -30,8 +30,9 @@ def test_jsonl_csv_parquet_and_gzip_load_the_same_rows(tmp_path):
 def test_malformed_json_names_file_and_line(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a", "response": \n')
-    with pytest.raises(DataFormatError, match=r"bad.jsonl: could not be read as json: line 2: invalid JSON"):
+    with pytest.raises(DataFormatError, match=r"bad.jsonl: could not be read as json: line 2: invalid JSON") as error:
         load_rows(str(path))
+    assert "at column 29" in str(error.value)  # where the value is missing, not column 1 of a next line
 
 
 def test_empty_file_is_an_error(tmp_path):
@@ -56,7 +57,7 @@ def test_unsupported_extension(tmp_path):
 def test_row_error_names_the_file(tmp_path):
     path = _write_jsonl(tmp_path / "rows.jsonl", [{"question": "a", "answer": "b"}, {"question": "a", "answer": None}])
     dm = SFTDataModule(path=str(path), val_fraction=0.0)
-    with pytest.raises(DataFormatError, match=r"rows.jsonl \(train\), row 2: column 'answer' must be a string"):
+    with pytest.raises(DataFormatError, match=r"rows.jsonl \(train\), row 2: column 'answer' is missing or null"):
         dm.setup("fit")
 
 
