@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import random
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -42,7 +41,7 @@ from lit_tune.data.formatting import (
 )
 from lit_tune.data.loader import BatchLoader, ResumableBatchLoader
 from lit_tune.data.sft import data_parallel_info, train_placement
-from lit_tune.data.sources import DataFormatError, load_rows
+from lit_tune.data.sources import DataFormatError, NumberedRows, load_rows, split_train_val
 from lit_tune.losses import IGNORE_INDEX
 from lit_tune.models.loading import load_tokenizer
 
@@ -615,25 +614,21 @@ class PreferenceDataModule(L.LightningDataModule):
             )
         return rows, description
 
-    def _split_rows(self) -> tuple[list[dict], list[dict], str]:
+    def _split_rows(self) -> tuple[NumberedRows, NumberedRows, str]:
         hp = self.hparams
         rows, source = self._load(self.rows if self.rows is not None else hp.path)
         if hp.val_path:
             val, _ = self._load(hp.val_path)
-            return rows, val, source
-        order = list(range(len(rows)))
-        random.Random(hp.seed).shuffle(order)
-        num_val = int(len(rows) * hp.val_fraction)
-        val = [rows[i] for i in sorted(order[:num_val])]
-        train = [rows[i] for i in sorted(order[num_val:])]
+            return list(enumerate(rows, start=1)), list(enumerate(val, start=1)), source
+        train, val = split_train_val(rows, hp.val_fraction, hp.seed)
         return train, val, source
 
-    def _tokenize(self, rows: list[dict], source: str) -> list[PreferenceRow]:
+    def _tokenize(self, rows: NumberedRows, source: str) -> list[PreferenceRow]:
         stats = FormatStats(rows=len(rows))
         pairs = [
             pair
-            for i, row in enumerate(rows)
-            if (pair := self.encode_row(row, f"{source}, row {i + 1}", stats))
+            for number, row in rows
+            if (pair := self.encode_row(row, f"{source}, row {number}", stats))
         ]
         stats.kept = len(pairs)
         rank_zero_info(f"{source}: {stats.summary()}.")

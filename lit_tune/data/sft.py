@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import random
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -21,7 +20,7 @@ from lit_tune.data.formatting import (
     row_to_messages,
 )
 from lit_tune.data.loader import BatchLoader, ResumableBatchLoader
-from lit_tune.data.sources import DataFormatError, load_rows
+from lit_tune.data.sources import DataFormatError, NumberedRows, load_rows, split_train_val
 from lit_tune.models.loading import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -119,22 +118,18 @@ class SFTDataModule(L.LightningDataModule):
         if not self.train_rows:
             raise DataFormatError(f"{source}: no training rows are left after filtering; see the counts above.")
 
-    def _split_rows(self) -> tuple[list[dict], list[dict], str]:
+    def _split_rows(self) -> tuple[NumberedRows, NumberedRows, str]:
         hp = self.hparams
         rows, source = load_rows(self.rows if self.rows is not None else hp.path)
         if hp.val_path:
             val, _ = load_rows(hp.val_path)
-            return rows, val, source
-        order = list(range(len(rows)))
-        random.Random(hp.seed).shuffle(order)
-        num_val = int(len(rows) * hp.val_fraction)
-        val = [rows[i] for i in sorted(order[:num_val])]
-        train = [rows[i] for i in sorted(order[num_val:])]
+            return list(enumerate(rows, start=1)), list(enumerate(val, start=1)), source
+        train, val = split_train_val(rows, hp.val_fraction, hp.seed)
         return train, val, source
 
-    def _tokenize(self, rows: list[dict], source: str) -> list[Row]:
+    def _tokenize(self, rows: NumberedRows, source: str) -> list[Row]:
         stats = FormatStats(rows=len(rows))
-        examples = [ex for i, row in enumerate(rows) if (ex := self.encode_row(row, f"{source}, row {i + 1}", stats))]
+        examples = [ex for number, row in rows if (ex := self.encode_row(row, f"{source}, row {number}", stats))]
         stats.kept = len(examples)
         rank_zero_info(f"{source}: {stats.summary()}.")
         self.last_stats = stats

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+import random
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -102,4 +103,29 @@ def load_rows(
     return datasets.load_dataset(source, split=split).to_list(), f"{source} ({split})"
 
 
-__all__ = ["DataFormatError", "load_rows"]
+NumberedRows = list[tuple[int, dict[str, Any]]]
+
+
+def split_train_val(rows: list[dict[str, Any]], val_fraction: float, seed: int) -> tuple[NumberedRows, NumberedRows]:
+    """Split rows at random into training and validation, keeping file order within each.
+
+    Each row comes with its 1-based position in ``rows``, so that error messages name the row of
+    the file rather than its position in a split.
+
+    Args:
+        rows: The loaded rows.
+        val_fraction: Share of the rows, rounded down, that goes to validation.
+        seed: Seed of the split.
+
+    Returns:
+        ``(train, val)`` lists of ``(row number, row)`` pairs.
+    """
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    num_val = int(len(rows) * val_fraction)
+    val = [(i + 1, rows[i]) for i in sorted(order[:num_val])]
+    train = [(i + 1, rows[i]) for i in sorted(order[num_val:])]
+    return train, val
+
+
+__all__ = ["DataFormatError", "NumberedRows", "load_rows", "split_train_val"]

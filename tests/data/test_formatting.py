@@ -138,3 +138,12 @@ def test_row_missing_a_column_in_a_file_is_named(tmp_path):
     path.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "c"}\n')
     with pytest.raises(DataFormatError, match=r"row 2: column 'response' is missing or null"):
         SFTDataModule(path=str(path), val_fraction=0.0, batch_size=1).setup("fit")
+
+
+def test_row_error_gives_file_row_after_split(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    lines = ['{"prompt": "a", "response": "b"}'] * 29 + ['{"prompt": "c"}']
+    path.write_text("\n".join(lines) + "\n")
+    # The bad row is the file's 30th, whichever split it falls in.
+    with pytest.raises(DataFormatError, match=r"\((train|validation)\), row 30: column 'response' is missing"):
+        SFTDataModule(path=str(path), val_fraction=0.2, batch_size=1).setup("fit")
