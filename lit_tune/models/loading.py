@@ -14,6 +14,8 @@ A *source* string is resolved in this order:
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,7 +102,8 @@ def load_tokenizer(source: str, *, trust_remote_code: bool = False) -> PreTraine
     kwargs = {"trust_remote_code": trust_remote_code}
     if resolved.kind == "gguf":
         kwargs["gguf_file"] = resolved.gguf_file
-    tokenizer = AutoTokenizer.from_pretrained(resolved.location, **kwargs)
+    with _hub_errors(resolved):
+        tokenizer = AutoTokenizer.from_pretrained(resolved.location, **kwargs)
     _complete_tokenizer(tokenizer, source)
     return tokenizer
 
@@ -136,7 +139,8 @@ def load_config(
     kwargs = {"trust_remote_code": trust_remote_code}
     if resolved.kind == "gguf":
         kwargs["gguf_file"] = resolved.gguf_file
-    return AutoConfig.from_pretrained(resolved.location, **kwargs)
+    with _hub_errors(resolved):
+        return AutoConfig.from_pretrained(resolved.location, **kwargs)
 
 
 def check_weight_files(folder: str, *, allow_pickle: bool) -> None:
@@ -220,10 +224,26 @@ def load_model(
         kwargs["gguf_file"] = resolved.gguf_file
     else:
         kwargs["use_safetensors"] = None if allow_pickle else True
-    model = AutoModelForCausalLM.from_pretrained(resolved.location, **kwargs)
+    with _hub_errors(resolved):
+        model = AutoModelForCausalLM.from_pretrained(resolved.location, **kwargs)
     if resolved.kind == "gguf":
         _drop_gguf_quantizer(model)
     return model
+
+
+@contextmanager
+def _hub_errors(resolved: ModelSource) -> Iterator[None]:
+    """Say, when loading a hub name fails, that no local path of that name exists."""
+    try:
+        yield
+    except OSError as err:
+        if resolved.kind != "hub":
+            raise
+        raise OSError(
+            f"{resolved.location!r} is not a local folder, a .gguf file or 'tiny', so it was loaded as "
+            f"a hub name, which failed: {err} For a local folder, pass a path that exists (./{resolved.location}); "
+            "for a hub model, check the network, or run it once online to fill the local cache."
+        ) from err
 
 
 def _drop_gguf_quantizer(model: PreTrainedModel) -> None:

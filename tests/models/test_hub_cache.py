@@ -64,3 +64,11 @@ def test_hub_repo_with_only_pickle_weights_is_rejected(tmp_path):
     assert result.returncode != 0
     assert "safetensors" in result.stderr
     assert not (tmp_path / "logits.pt").exists()
+
+
+def test_unknown_hub_name_offline_says_no_local_path(tmp_path):
+    (tmp_path / "hub").mkdir()
+    result = _load_offline(tmp_path / "hub", "no_such_model", tmp_path / "logits.pt")
+    assert result.returncode != 0
+    assert "'no_such_model' is not a local folder, a .gguf file or 'tiny'" in result.stderr
+    assert "./no_such_model" in result.stderr
