@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import (
     BasePredictionWriter,
     Callback,
@@ -118,7 +119,14 @@ def _default_callbacks(trainer_config: dict[str, Any], subcommand: str | None) -
 def main(args: list[str] | None = None) -> None:
     """Run the ``lit-tune`` command line."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    LitTuneCLI(args=args)
+    try:
+        LitTuneCLI(args=args)
+    finally:
+        # Under torchrun, exiting with the gloo or NCCL process group alive can abort the process
+        # at interpreter shutdown ("terminate called without an active exception") after a
+        # successful run, and the launcher then reports a failure.
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

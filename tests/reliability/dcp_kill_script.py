@@ -72,3 +72,5 @@ def main(out: Path, mode: str) -> None:
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]), sys.argv[2])
+    if torch.distributed.is_initialized():  # an exit with gloo's threads alive can abort
+        torch.distributed.destroy_process_group()

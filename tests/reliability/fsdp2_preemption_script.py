@@ -17,6 +17,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 from transformers import LlamaForCausalLM
 
@@ -90,13 +91,22 @@ def fit(out: Path, run: str, extra: list[Callback], ckpt_path: str | None = None
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
 
 
-if __name__ == "__main__":
-    torch.set_num_threads(1)
-    L.seed_everything(SEED, verbose=False)
-    out, mode = Path(sys.argv[1]), sys.argv[2]
+def main(out: Path, mode: str) -> None:
+    """Run ``mode`` (see the module docstring)."""
     if mode == "straight_then_preempt":
         fit(out, "straight", [])
         L.seed_everything(SEED, verbose=False)
         fit(out, "preempted", [SigtermAt(STOP_AT, rank=1)])
         raise AssertionError("the preempted fit returned instead of ending the process")
     fit(out, "resumed", [], ckpt_path=str(out / "ckpt" / "last-preempted.ckpt"))
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    L.seed_everything(SEED, verbose=False)
+    try:
+        main(Path(sys.argv[1]), sys.argv[2])
+    finally:
+        # Exiting with gloo's threads still running can abort the process at shutdown.
+        if dist.is_initialized():
+            dist.destroy_process_group()

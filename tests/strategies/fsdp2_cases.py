@@ -371,6 +371,8 @@ def main() -> None:
             print(f"case {name}: {time.perf_counter() - start:.1f} s", file=sys.stderr)
             torch.save(result, out / f"{name}.pt")
         dist.barrier()
+    # Exiting with gloo's threads still running can abort the process at shutdown.
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
