@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 
 import lightning as L
 import pytest
@@ -11,6 +12,13 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that was free a moment ago, for a distributed launch."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def cpu_trainer(**kwargs) -> L.Trainer:

@@ -43,8 +43,8 @@ def compile_decoder_layers(model: nn.Module, strategy: Any = None) -> int:
 
     Raises:
         ValueError: Under ``ModelParallelStrategy`` (and so ``FSDP2Strategy``) or ``FSDPStrategy``,
-            which shard the layers after ``configure_model``; or when the model names no decoder
-            layer class, or none of its modules has one.
+            because they shard the layers after ``configure_model``. Also when the model names no
+            decoder layer class, or none of its modules has one.
         RuntimeError: When no C++ compiler is found.
     """
     if isinstance(strategy, (ModelParallelStrategy, FSDPStrategy)):

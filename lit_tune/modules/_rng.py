@@ -50,8 +50,8 @@ def restore_rng_state(state: dict[str, Tensor], rank: int, world_size: int) -> N
     saved_ranks = state["torch"].shape[0]
     if saved_ranks != world_size:
         log.warning(
-            "The checkpoint holds random-number state for %d rank(s) but this run has %d; "
-            "rank r resumes with saved rank r %% %d, so dropout and sampling will differ.",
+            "The checkpoint contains random-number state for %d rank(s), but this run has %d. "
+            "Rank r resumes with saved rank r %% %d, so dropout and sampling will differ.",
             saved_ranks, world_size, saved_ranks,
         )
     index = rank % saved_ranks

@@ -7,7 +7,6 @@ of its outputs.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -26,13 +25,9 @@ from callback_helpers import (
     two_group_adamw_with_warmup,
 )
 
+from tests.conftest import free_port
+
 SCRIPT = Path(__file__).with_name("distributed_callbacks_script.py")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +35,7 @@ def distributed_outputs(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("distributed_callbacks")
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(SCRIPT), str(out),
+        "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(SCRIPT), str(out),
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)

@@ -132,7 +132,7 @@ def test_collated_batch_tensors_are_long():
     assert batch.position_ids is None
 
 
-def test_row_missing_a_column_in_a_file_is_named(tmp_path):
+def test_missing_column_in_file_row(tmp_path):
     # In a JSONL file, `datasets` fills a column that one row lacks with null.
     path = tmp_path / "rows.jsonl"
     path.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "c"}\n')

@@ -4,7 +4,6 @@ import copy
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +20,7 @@ from lit_tune.data.preference import PreferenceDataModule, collate_pairs
 from lit_tune.losses.dpo_sigmoid import SigmoidDPOLoss
 from lit_tune.models.tiny import tiny_llama_config
 from lit_tune.modules.dpo import REFERENCE_CHECKPOINT_KEY, DPOModule
-from tests.conftest import cpu_trainer
+from tests.conftest import cpu_trainer, free_port
 from tests.modules.dpo_fsdp2_cases import run_case
 
 ROWS = [
@@ -341,12 +340,6 @@ def test_dpo_tiny_config_runs(tmp_path, monkeypatch):
 FSDP2_CASES = ["tp2", "tp2_live", "dp2", "dp2_live"]
 
 
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def fsdp2_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("dpo_fsdp2")
@@ -360,7 +353,7 @@ def fsdp2_results(tmp_path_factory):
         "--master_addr",
         "127.0.0.1",
     ]
-    command += ["--master_port", str(_free_port()), str(script), str(out), *FSDP2_CASES]
+    command += ["--master_port", str(free_port()), str(script), str(out), *FSDP2_CASES]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=out)
     assert proc.returncode == 0, (

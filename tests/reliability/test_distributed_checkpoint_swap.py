@@ -1,12 +1,12 @@
 """Distributed-checkpoint folders are replaced only once complete, so a kill keeps the previous one."""
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 from lit_tune.strategies._checkpoint import partial_path, recover, swap_into_place
+from tests.conftest import free_port
 
 SCRIPT = Path(__file__).with_name("dcp_kill_script.py")
 
@@ -24,7 +24,7 @@ def test_swap_replaces_the_folder_and_leaves_nothing_behind(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
 
 
-def test_recover_finds_the_previous_folder_after_a_kill_between_renames(tmp_path, caplog):
+def test_recover_after_kill_between_renames(tmp_path, caplog):
     target = tmp_path / "last.ckpt"
     old = _folder(tmp_path / "last.ckpt.old", 1)  # the state right after the first rename
     assert recover(target) == old
@@ -34,11 +34,8 @@ def test_recover_finds_the_previous_folder_after_a_kill_between_renames(tmp_path
 
 
 def _torchrun(out: Path, mode: str) -> subprocess.CompletedProcess:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_addr",
-               "127.0.0.1", "--master_port", str(port), str(SCRIPT), str(out), mode]
+               "127.0.0.1", "--master_port", str(free_port()), str(SCRIPT), str(out), mode]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=out)
 

@@ -1,7 +1,6 @@
 """A failing rank ends the whole distributed run with its error, never a hang."""
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -9,18 +8,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import free_port
+
 SCRIPT = Path(__file__).with_name("rank_failure_script.py")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
 def test_rank_failure_ends_run_with_original_error(tmp_path, strategy):
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
     start = time.monotonic()
     result = subprocess.run([sys.executable, str(SCRIPT), strategy], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     elapsed = time.monotonic() - start

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,14 +14,9 @@ from grpo_fsdp2_data import constant, fixed_rollout_batch, sgd
 from lit_tune.models.loading import load_model
 from lit_tune.models.tiny import build_tiny_tokenizer
 from lit_tune.modules.grpo import GRPOModule
+from tests.conftest import free_port
 
 HERE = Path(__file__).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +28,7 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tokenizer.save_pretrained(out / "model")
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+        "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
         str(HERE / "grpo_fsdp2_script.py"), str(out), str(out / "model"),
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

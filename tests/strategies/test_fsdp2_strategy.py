@@ -7,7 +7,6 @@ checkpoint (see ``fsdp2_cases.py``); the tests below only read their results.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -29,6 +28,8 @@ from fsdp2_harness import (
 )
 from safetensors import safe_open
 from transformers import LlamaForCausalLM
+
+from tests.conftest import free_port
 
 HERE = Path(__file__).parent
 TOL = {"atol": 1e-5, "rtol": 0.0}
@@ -78,12 +79,6 @@ model:
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _launch(out: Path, nproc: int, cases: list[str], timeout: float = 300) -> None:
     command = [
         sys.executable,
@@ -94,7 +89,7 @@ def _launch(out: Path, nproc: int, cases: list[str], timeout: float = 300) -> No
         "--master_addr",
         "127.0.0.1",
         "--master_port",
-        str(_free_port()),
+        str(free_port()),
         str(HERE / "fsdp2_cases.py"),
         str(out),
         *cases,
